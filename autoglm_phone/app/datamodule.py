@@ -1,0 +1,164 @@
+"""LightningDataModule over the embedded synthetic data: builds it, trains the tokenizer, batches.
+
+Training batches are dicts keyed by modality (``{"image": ..., "audio": ...}``, Lightning's
+``CombinedLoader``); validation/test use one loader per modality. Every modality batch has
+``media``, ``sample_rate``, ``input_ids``, ``attention_mask``, ``caption``, ``caption_id``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import CombinedLoader
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+from autoglm_phone.app.schema import DataConfig
+from autoglm_phone.data.synthetic import SyntheticDataset, SyntheticSpec, build_synthetic
+from autoglm_phone.tokenizer import cached_tokenizer, load_tokenizer
+
+SPLITS = ("train", "val", "test")
+
+
+def caption_id(caption: str) -> int:
+    """A stable 63-bit id for a caption, so retrieval keys survive ``all_gather``."""
+    return int.from_bytes(hashlib.blake2b(caption.encode(), digest_size=8).digest(), "little") >> 1
+
+
+class ModalityView(Dataset):
+    """One modality of an audio-visual scene dataset, captioned with that modality's caption."""
+
+    def __init__(self, dataset: Dataset, modality: str) -> None:
+        self.dataset, self.modality = dataset, modality
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = dict(self.dataset[index])
+        item["caption"] = item[f"{self.modality}_caption"]
+        return item
+
+
+class Collate:
+    """Stack one modality's media and tokenize its captions."""
+
+    def __init__(self, modality: str, tokenizer, max_text_len: int, image_size: int) -> None:
+        self.modality, self.tokenizer = modality, tokenizer
+        self.max_text_len, self.image_size = max_text_len, image_size
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        captions = [it["caption"] for it in items]
+        tok = self.tokenizer(
+            captions,
+            padding=True,
+            truncation=True,
+            max_length=self.max_text_len,
+            return_tensors="pt",
+        )
+        batch = {
+            "modality": self.modality,
+            "input_ids": tok["input_ids"],
+            "attention_mask": tok["attention_mask"].bool(),
+            "caption": captions,
+            "caption_id": torch.tensor([caption_id(c) for c in captions]),
+        }
+        if self.modality == "image":
+            media = torch.stack([it["image"] for it in items])  # (B, 3, H, W) uint8
+            if media.shape[-1] != self.image_size or media.shape[-2] != self.image_size:
+                media = F.interpolate(
+                    media.float() / 255.0, size=(self.image_size, self.image_size), mode="bilinear"
+                )
+            batch["media"] = media
+            batch["sample_rate"] = 0
+        else:
+            batch["media"] = torch.stack([it["audio"] for it in items])  # (B, T) float
+            batch["sample_rate"] = int(items[0]["sample_rate"])
+        return batch
+
+
+class MultiModalDataModule(L.LightningDataModule):
+    def __init__(self, cfg: DataConfig, cache_dir: str | Path, image_size: int, progress: bool = True):
+        super().__init__()
+        if cfg.name != "synthetic":
+            raise ValueError(f"unknown data.name {cfg.name!r}; available: synthetic")
+        unknown = set(cfg.modalities) - {"image", "audio"}
+        if unknown or not cfg.modalities:
+            raise ValueError(f"data.modalities must be a non-empty subset of [image, audio], got {cfg.modalities}")
+        self.cfg, self.cache_dir, self.image_size, self.progress = cfg, Path(cache_dir), image_size, progress
+        self.spec = SyntheticSpec(
+            seed=cfg.seed,
+            image_size=cfg.image_size,
+            sample_rate=cfg.sample_rate,
+            audio_seconds=cfg.audio_seconds,
+            num_train=cfg.num_train,
+            num_val=cfg.num_val,
+            num_test=cfg.num_test,
+            num_av_train=cfg.num_av_train,
+            num_av_val=cfg.num_av_val,
+            num_av_test=cfg.num_av_test,
+        )
+        self._folder: Path | None = None
+        self._tokenizer = None
+
+    # -- data and tokenizer, made once --------------------------------------------------------
+    @property
+    def folder(self) -> Path:
+        if self._folder is None:
+            self._folder = build_synthetic(self.spec, self.cache_dir, progress=self.progress)
+        return self._folder
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            if self.cfg.tokenizer_path:
+                self._tokenizer = load_tokenizer(self.cfg.tokenizer_path)
+            else:
+                texts = self.training_captions()
+                self._tokenizer = cached_tokenizer(texts, self.cache_dir, self.cfg.vocab_size)
+        return self._tokenizer
+
+    def set_tokenizer(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+
+    def training_captions(self) -> list[str]:
+        texts: list[str] = []
+        for modality in ("image", "audio", "av"):
+            texts += [r["caption"] for r in SyntheticDataset(self.folder, modality, "train").records]
+        return texts
+
+    def prepare_data(self) -> None:
+        _ = self.folder, self.tokenizer
+
+    def dataset(self, modality: str, split: str) -> Dataset:
+        parts: list[Dataset] = [SyntheticDataset(self.folder, modality, split)]
+        if self.cfg.use_av and self.spec.split_size("av", split) > 0:
+            parts.append(ModalityView(SyntheticDataset(self.folder, "av", split), modality))
+        return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+
+    # -- loaders -------------------------------------------------------------------------------
+    def _loader(self, modality: str, split: str, shuffle: bool) -> DataLoader:
+        batch_size = self.cfg.batch_size if split == "train" else self.cfg.eval_batch_size
+        return DataLoader(
+            self.dataset(modality, split),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle,
+            num_workers=self.cfg.num_workers,
+            persistent_workers=self.cfg.num_workers > 0,
+            collate_fn=Collate(modality, self.tokenizer, self.cfg.max_text_len, self.image_size),
+        )
+
+    def train_dataloader(self) -> CombinedLoader:
+        loaders = {m: self._loader(m, "train", shuffle=True) for m in self.cfg.modalities}
+        return CombinedLoader(loaders, mode="max_size_cycle")
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self._loader(m, "val", shuffle=False) for m in self.cfg.modalities]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return [self._loader(m, "test", shuffle=False) for m in self.cfg.modalities]

@@ -1,0 +1,150 @@
+"""Typed schemas for the Hydra configs in ``conf/``.
+
+Registered in Hydra's ConfigStore and listed first in ``conf/train.yaml`` / ``conf/eval.yaml``
+defaults, so an unknown key or a value of the wrong type fails at start-up, before any data or
+model loads, with Hydra's message naming the key. The model schema *is* the library's
+:class:`~autoglm_phone.config.MultiModalConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from autoglm_phone.config import DecoderConfig, MultiModalConfig
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"
+    # synthetic generator (autoglm_phone.data.synthetic.SyntheticSpec)
+    seed: int = 0
+    image_size: int = 64  # render size; batches are resized to model.vision.img_size if different
+    sample_rate: int = 16000  # render rate; the audio tower resamples to model.audio.sample_rate
+    audio_seconds: float = 1.0
+    num_train: int = 5000
+    num_val: int = 500
+    num_test: int = 500
+    num_av_train: int = 1000
+    num_av_val: int = 200
+    num_av_test: int = 200
+    use_av: bool = True  # AV scenes add (image, image caption) and (audio, audio caption) pairs
+    # loading
+    modalities: list[str] = field(default_factory=lambda: ["image", "audio"])
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    num_workers: int = 0
+    max_text_len: int = 32
+    # tokenizer: a local Hugging Face folder, or None to train BPE on the training captions
+    tokenizer_path: Optional[str] = None
+    vocab_size: int = 1024
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    warmup_ratio: float = 0.05  # share of total steps spent in linear warm-up
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+
+
+@dataclass
+class ObjectiveConfig:
+    itc_weight: float = 1.0  # per modality: loss = sum_m itc_weight * ITC_m
+
+
+@dataclass
+class TrainerConfig:
+    """Arguments of ``lightning.Trainer`` (passed through as keywords)."""
+
+    accelerator: str = "auto"
+    devices: Any = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"  # "32-true", "bf16-mixed", "16-mixed"
+    max_epochs: int = 5
+    max_steps: int = -1
+    max_time: Optional[str] = None
+    gradient_clip_val: Optional[float] = 1.0
+    accumulate_grad_batches: int = 1
+    log_every_n_steps: int = 10
+    check_val_every_n_epoch: int = 1
+    val_check_interval: Any = None
+    num_sanity_val_steps: int = 0
+    fast_dev_run: Any = False
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    deterministic: bool = False
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"  # wandb | csv | tensorboard | none
+    project: str = "autoglm-phone"
+    offline: bool = True  # wandb: no account needed; set false after `wandb login`
+    entity: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CallbacksConfig:
+    monitor: str = "val/loss"
+    mode: str = "min"
+    save_top_k: int = 1
+    save_last: bool = True
+    every_n_epochs: int = 1
+    lr_monitor: bool = True
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = "."
+    cache_dir: str = ".cache"
+    output_dir: str = "outputs"
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: MultiModalConfig = field(default_factory=MultiModalConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    task_name: str = "train"
+    seed: int = 42
+    ckpt_path: Optional[str] = None  # resume from this checkpoint ("last": the run's last.ckpt)
+
+
+@dataclass
+class EvalConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    ckpt_path: Optional[str] = None
+    split: str = "test"
+    task_name: str = "eval"
+    seed: int = 42
+    output_json: Optional[str] = None  # default: <output_dir>/metrics.json
+
+
+def _schema(cls: type) -> Any:
+    """Structured node for ``cls`` with the decoder's derived sizes left unset (None)."""
+    node = OmegaConf.structured(cls)
+    if "model" in node:
+        for name in DecoderConfig.DERIVED:
+            node.model.text[name] = None
+    return node
+
+
+def register_schemas() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=_schema(TrainConfig))
+    cs.store(name="eval_schema", node=_schema(EvalConfig))

@@ -1,0 +1,122 @@
+"""``run(cfg)`` for training: what ``train.py`` calls and what tests call directly."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from autoglm_phone.app.datamodule import MultiModalDataModule
+from autoglm_phone.app.module import PretrainModule
+from autoglm_phone.app.schema import CallbacksConfig, LoggerConfig, TrainerConfig
+from autoglm_phone.config import MultiModalConfig
+
+LOGGERS = ("wandb", "csv", "tensorboard", "none")
+
+
+def build_logger(cfg: LoggerConfig, save_dir: Path, run_name: str) -> Logger | bool:
+    if cfg.name == "wandb":
+        # Offline unless asked otherwise: no account needed; `wandb sync` uploads later.
+        os.environ.setdefault("WANDB_MODE", "offline" if cfg.offline else "online")
+        return WandbLogger(
+            project=cfg.project,
+            name=run_name,
+            save_dir=str(save_dir),
+            offline=cfg.offline,
+            entity=cfg.entity,
+            tags=list(cfg.tags) or None,
+        )
+    if cfg.name == "csv":
+        return CSVLogger(save_dir=str(save_dir), name="csv")
+    if cfg.name == "tensorboard":
+        return TensorBoardLogger(save_dir=str(save_dir), name="tensorboard")
+    if cfg.name == "none":
+        return False
+    raise ValueError(f"unknown logger.name {cfg.name!r}; choose one of {LOGGERS}")
+
+
+def build_callbacks(cfg: CallbacksConfig, ckpt_dir: Path, with_logger: bool) -> list[Callback]:
+    callbacks: list[Callback] = [
+        ModelCheckpoint(
+            dirpath=str(ckpt_dir),
+            filename="epoch{epoch:03d}-step{step}",
+            auto_insert_metric_name=False,
+            monitor=cfg.monitor,
+            mode=cfg.mode,
+            save_top_k=cfg.save_top_k,
+            save_last=cfg.save_last,
+            every_n_epochs=cfg.every_n_epochs,
+        )
+    ]
+    if cfg.lr_monitor and with_logger:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    return callbacks
+
+
+def tokenizer_files(tokenizer, folder: Path) -> dict[str, str]:
+    """Save the tokenizer to ``folder`` and return its files as text (stored in checkpoints)."""
+    tokenizer.save_pretrained(str(folder))
+    return {p.name: p.read_text(encoding="utf-8") for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: Path) -> str | None:
+    if ckpt_path in (None, ""):
+        return None
+    if ckpt_path == "last":
+        last = ckpt_dir / "last.ckpt"
+        return str(last) if last.exists() else None
+    if not Path(ckpt_path).exists():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist")
+    return ckpt_path
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Build data, tokenizer, model and trainer from ``cfg``; fit; return paths and metrics."""
+    L.seed_everything(cfg.seed, workers=True)
+    out = Path(cfg.paths.output_dir)
+    ckpt_dir = out / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    model_cfg: MultiModalConfig = OmegaConf.to_object(cfg.model)
+    data_cfg = OmegaConf.to_object(cfg.data)
+    dm = MultiModalDataModule(data_cfg, cfg.paths.cache_dir, image_size=model_cfg.vision.img_size)
+    dm.prepare_data()
+    tok = dm.tokenizer
+    if model_cfg.text.vocab_size == 0:
+        model_cfg.text.vocab_size = len(tok)
+    elif model_cfg.text.vocab_size < len(tok):
+        raise ValueError(f"model.text.vocab_size={model_cfg.text.vocab_size} < tokenizer size {len(tok)}")
+    model_cfg.text.pad_token_id = tok.pad_token_id
+
+    module = PretrainModule(
+        model=model_cfg.to_dict(),
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        objective=OmegaConf.to_container(cfg.objective, resolve=True),
+        data=OmegaConf.to_container(cfg.data, resolve=True),
+        tokenizer_files=tokenizer_files(tok, out / "tokenizer"),
+    )
+    logger = build_logger(OmegaConf.to_object(cfg.logger), out, run_name=f"{cfg.task_name}-{out.name}")
+    if logger:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer_cfg: TrainerConfig = OmegaConf.to_object(cfg.trainer)
+    trainer_kwargs = {k: v for k, v in vars(trainer_cfg).items() if v is not None}
+    trainer = L.Trainer(
+        **trainer_kwargs,
+        logger=logger,
+        callbacks=build_callbacks(OmegaConf.to_object(cfg.callbacks), ckpt_dir, bool(logger)),
+        default_root_dir=str(out),
+    )
+    trainer.fit(module, datamodule=dm, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, ckpt_dir))
+
+    last = ckpt_dir / "last.ckpt"
+    if not last.exists():  # fast_dev_run disables ModelCheckpoint; still leave a checkpoint
+        trainer.save_checkpoint(str(last))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v)}
+    return {"output_dir": str(out), "ckpt_path": str(last), "metrics": metrics}

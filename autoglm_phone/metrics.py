@@ -1,0 +1,57 @@
+"""Retrieval metrics with exact chance levels.
+
+A retrieved item counts as correct when its key (caption text) equals the query's key, so
+duplicate captions in the gallery are all correct answers. Chance levels follow from the gallery's
+key counts: with ``c`` correct items among ``n``, a random ranking puts one in the top ``k`` with
+probability ``1 - C(n - c, k) / C(n, k)``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from math import comb
+
+import torch
+
+KS = (1, 5, 10)
+
+
+def first_correct_rank(
+    similarity: torch.Tensor, query_keys: Sequence, gallery_keys: Sequence
+) -> torch.Tensor:
+    """1-based rank of the best-ranked correct gallery item for each query, ``(Q,)``."""
+    ids = {k: i for i, k in enumerate(dict.fromkeys(list(query_keys) + list(gallery_keys)))}
+    q = torch.tensor([ids[k] for k in query_keys], device=similarity.device)
+    g = torch.tensor([ids[k] for k in gallery_keys], device=similarity.device)
+    correct = q[:, None] == g[None, :]  # (Q, G)
+    if not bool(correct.any(1).all()):
+        raise ValueError("every query needs at least one correct gallery item")
+    best_correct = similarity.masked_fill(~correct, float("-inf")).max(1).values  # (Q,)
+    return (similarity > best_correct[:, None]).sum(1) + 1
+
+
+def retrieval_metrics(
+    similarity: torch.Tensor, query_keys: Sequence, gallery_keys: Sequence, ks: Sequence[int] = KS
+) -> dict[str, float]:
+    """Recall@k (in %) and median rank for a ``(Q, G)`` similarity matrix."""
+    ranks = first_correct_rank(similarity.float(), query_keys, gallery_keys).float()
+    out = {f"R@{k}": 100.0 * (ranks <= k).float().mean().item() for k in ks}
+    out["median_rank"] = ranks.median().item()
+    return out
+
+
+def chance_metrics(
+    query_keys: Sequence, gallery_keys: Sequence, ks: Sequence[int] = KS
+) -> dict[str, float]:
+    """Expected Recall@k (in %) of a random ranking, and its median rank (approximate)."""
+    counts = Counter(gallery_keys)
+    n = len(gallery_keys)
+    out = {}
+    for k in ks:
+        p = [1 - comb(n - counts[q], k) / comb(n, k) for q in query_keys]
+        out[f"R@{k}"] = 100.0 * sum(p) / len(p)
+    # the first of c correct items among n sits at rank ~ (n + 1) / (c + 1) on average
+    mid = sorted((n + 1) / (counts[q] + 1) for q in query_keys)
+    out["median_rank"] = float(mid[len(mid) // 2])
+    return out

@@ -1,0 +1,105 @@
+"""A byte-level BPE tokenizer trained offline on the dataset text, with GLM's special tokens.
+
+Saved as a standard Hugging Face folder (``tokenizer.json`` + configs) so
+``transformers.AutoTokenizer.from_pretrained(folder)`` loads it; any local Hugging Face tokenizer
+folder can be used instead. Nothing is ever fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+# GLM's markers: [gMASK] opens every sequence and <sop> starts the generated part (GLM-130B,
+# ChatGLM); [MASK]/[sMASK] blank out spans; media placeholders are replaced by tower tokens.
+SPECIAL_TOKENS = {
+    "pad_token": "<|pad|>",
+    "unk_token": "<|unk|>",
+    "mask_token": "[MASK]",
+    "eos_token": "<|endoftext|>",
+}
+GLM_TOKENS = [
+    "[gMASK]",
+    "[sMASK]",
+    "<sop>",
+    "<eop>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
+    "<|begin_of_image|>",
+    "<|image|>",
+    "<|end_of_image|>",
+    "<|begin_of_audio|>",
+    "<|audio|>",
+    "<|end_of_audio|>",
+]
+TOKENIZER_VERSION = 1
+
+
+def train_tokenizer(
+    texts: Iterable[str], out_dir: str | Path, vocab_size: int = 1024
+) -> PreTrainedTokenizerFast:
+    """Train byte-level BPE on ``texts`` and save it to ``out_dir`` (atomically)."""
+    specials = list(SPECIAL_TOKENS.values()) + GLM_TOKENS
+    tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    # Every encoded sequence starts with GLM's [gMASK]<sop> prefix markers.
+    gmask, sop = tok.token_to_id("[gMASK]"), tok.token_to_id("<sop>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[gMASK] <sop> $A", pair="[gMASK] <sop> $A $B", special_tokens=[("[gMASK]", gmask), ("<sop>", sop)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, additional_special_tokens=GLM_TOKENS, **SPECIAL_TOKENS
+    )
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    fast.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return load_tokenizer(out_dir)
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """Load a local Hugging Face tokenizer folder (never a hub id)."""
+    path = Path(path).expanduser()
+    if not (path / "tokenizer.json").exists() and not (path / "tokenizer_config.json").exists():
+        raise FileNotFoundError(
+            f"no tokenizer at {path}: expected a local folder with tokenizer.json "
+            "(hub ids are not fetched)"
+        )
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def cached_tokenizer(
+    texts: list[str], cache_dir: str | Path, vocab_size: int = 1024
+) -> PreTrainedTokenizerBase:
+    """Train once per (corpus, vocab size) and reuse from ``cache_dir``."""
+    digest = hashlib.sha256(
+        json.dumps([TOKENIZER_VERSION, vocab_size, sorted(set(texts))]).encode()
+    ).hexdigest()[:12]
+    folder = Path(cache_dir).expanduser() / f"tokenizer-{digest}"
+    if (folder / "tokenizer.json").exists():
+        return load_tokenizer(folder)
+    return train_tokenizer(texts, folder, vocab_size)
