@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,17 +77,25 @@ def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: Path) -> str | None:
     return ckpt_path
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Build data, tokenizer, model and trainer from ``cfg``; fit; return paths and metrics."""
+@dataclass
+class Built:
+    datamodule: MultiModalDataModule
+    module: PretrainModule
+    trainer: L.Trainer
+    output_dir: Path
+
+
+def build(cfg: DictConfig) -> Built:
+    """Everything ``cfg`` describes, ready to fit (tests build every experiment this way)."""
     L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.output_dir)
-    ckpt_dir = out / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     model_cfg: MultiModalConfig = OmegaConf.to_object(cfg.model)
-    data_cfg = OmegaConf.to_object(cfg.data)
-    dm = MultiModalDataModule(data_cfg, cfg.paths.cache_dir, image_size=model_cfg.vision.img_size)
+    dm = MultiModalDataModule(
+        OmegaConf.to_object(cfg.data), cfg.paths.cache_dir, image_size=model_cfg.vision.img_size
+    )
     dm.prepare_data()
     tok = dm.tokenizer
     if model_cfg.text.vocab_size == 0:
@@ -106,17 +115,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer_cfg: TrainerConfig = OmegaConf.to_object(cfg.trainer)
-    trainer_kwargs = {k: v for k, v in vars(trainer_cfg).items() if v is not None}
     trainer = L.Trainer(
-        **trainer_kwargs,
+        **{k: v for k, v in vars(trainer_cfg).items() if v is not None},
         logger=logger,
-        callbacks=build_callbacks(OmegaConf.to_object(cfg.callbacks), ckpt_dir, bool(logger)),
+        callbacks=build_callbacks(OmegaConf.to_object(cfg.callbacks), out / "checkpoints", bool(logger)),
         default_root_dir=str(out),
     )
-    trainer.fit(module, datamodule=dm, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, ckpt_dir))
+    return Built(dm, module, trainer, out)
 
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Build data, tokenizer, model and trainer from ``cfg``; fit; return paths and metrics."""
+    b = build(cfg)
+    ckpt_dir = b.output_dir / "checkpoints"
+    b.trainer.fit(b.module, datamodule=b.datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, ckpt_dir))
     last = ckpt_dir / "last.ckpt"
     if not last.exists():  # fast_dev_run disables ModelCheckpoint; still leave a checkpoint
-        trainer.save_checkpoint(str(last))
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v)}
-    return {"output_dir": str(out), "ckpt_path": str(last), "metrics": metrics}
+        b.trainer.save_checkpoint(str(last))
+    metrics = {k: float(v) for k, v in b.trainer.callback_metrics.items() if torch.is_tensor(v)}
+    return {"output_dir": str(b.output_dir), "ckpt_path": str(last), "metrics": metrics}

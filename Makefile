@@ -1,0 +1,43 @@
+# Everyday targets. The environment (.venv) is created on first use and reused after.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+PIP     := $(BIN)/pip install --constraint requirements/lock.txt
+OVERRIDES ?=
+
+.PHONY: quickstart train eval test test-all lint format bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml requirements/lock.txt | $(BIN)/python
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) -e '.[test]'
+	touch $@
+
+## quickstart: install, train itc_pretrain on the embedded data, evaluate on the test split
+quickstart: $(VENV)/.installed
+	rm -rf outputs/quickstart
+	$(BIN)/python train.py experiment=itc_pretrain hydra.run.dir=outputs/quickstart $(OVERRIDES)
+	$(BIN)/python eval.py ckpt_path=outputs/quickstart/checkpoints/last.ckpt \
+		output_json=outputs/quickstart/metrics.json hydra.run.dir=outputs/quickstart/eval
+
+## test: install with test extras and run the default (fast) suite
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -m "not slow and not gpu" -q
+
+## test-all: every test, slow ones included (GPU tests skip themselves without a GPU)
+test-all: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: $(VENV)/.installed-test
+	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
+
+clean:
+	rm -rf outputs multirun .cache .pytest_cache

@@ -1,0 +1,108 @@
+import pytest
+import torch
+from transformers import Glm4Config, Glm4ForCausalLM
+
+from autoglm_phone.config import AudioConfig, DecoderConfig, MultiModalConfig, VisionConfig
+from autoglm_phone.models.autoglm import AutoGLMModel
+from autoglm_phone.models.glm import GLMDecoder, build_attention_mask
+from autoglm_phone.models.towers import AudioTower, VisionTower
+
+SMALL_TEXT = DecoderConfig(vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+
+
+def _towers():
+    yield "vision", VisionTower(VisionConfig(img_size=32, patch_size=8, depth=2)), torch.rand(2, 3, 32, 32)
+    yield "audio", AudioTower(AudioConfig(depth=2)), 0.1 * torch.randn(2, 16000)
+
+
+@pytest.mark.parametrize("name", ["vision", "audio"])
+def test_towers_share_one_contract(name):
+    tower, x = next((t, x) for n, t, x in _towers() if n == name)
+    out = tower(x)
+    b, n, d = out.tokens.shape
+    assert b == 2 and d == tower.embed_dim and n > 1
+    assert out.pooled.shape == (2, tower.embed_dim)
+    assert torch.allclose(tower.forward_head(tower.forward_features(x)), out.pooled, atol=1e-6)
+
+
+def test_vision_accepts_uint8_and_float_alike():
+    tower = VisionTower(VisionConfig(img_size=32, patch_size=8, depth=1)).eval()
+    img = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    assert torch.allclose(tower(img).pooled, tower(img.float() / 255).pooled, atol=1e-5)
+
+
+def test_audio_any_sample_rate_is_resampled():
+    tower = AudioTower(AudioConfig(depth=1)).eval()
+    t = torch.arange(16000) / 16000
+    wave16 = torch.sin(2 * torch.pi * 440 * t)[None]
+    t8 = torch.arange(8000) / 8000
+    wave8 = torch.sin(2 * torch.pi * 440 * t8)[None]
+    a = tower(wave16, sample_rate=16000).tokens
+    b = tower(wave8, sample_rate=8000).tokens
+    assert a.shape == b.shape
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.95
+    with pytest.raises(ValueError, match="mono"):
+        tower(torch.randn(1, 2, 100))
+
+
+def test_glm_matches_transformers_glm4():
+    torch.manual_seed(0)
+    hf_cfg = Glm4Config(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+        pad_token_id=0,
+    )
+    hf = Glm4ForCausalLM(hf_cfg).eval()
+    ours = GLMDecoder(
+        DecoderConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5)
+    ).eval()
+    ours.load_state_dict({k.removeprefix("model."): v for k, v in hf.state_dict().items()})
+    ids = torch.randint(1, 97, (2, 11))
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, ours(ids), atol=1e-5)
+
+
+def test_mask_modes():
+    pad = torch.tensor([[True, True, True, True], [False, True, True, True]])
+    causal = build_attention_mask(pad, "causal")[:, 0]
+    bidir = build_attention_mask(pad, "bidirectional")[:, 0]
+    prefix = build_attention_mask(pad, "prefix", prefix_lengths=torch.tensor([2, 2]))[:, 0]
+    assert causal[0].tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    assert bidir[0].all() and not bidir[1, :, 0][1:].any()  # nobody attends the pad key
+    # prefix of 2 real tokens: bidirectional among them, causal afterwards; left pad shifts it
+    assert prefix[0].tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    assert prefix[1, 1:, 1:].tolist() == [[1, 1, 0], [1, 1, 0], [1, 1, 1]]
+
+
+def test_text_pooling_ignores_padding():
+    model = GLMDecoder(SMALL_TEXT).eval()
+    ids = torch.randint(1, 97, (1, 6))
+    padded = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], dim=1)
+    mask = torch.tensor([[1] * 6 + [0] * 3]).bool()
+    for pool in ("mean", "last"):
+        a = model.forward_head(model.forward_features(ids, mode="bidirectional"), pool=pool)
+        h = model.forward_features(padded, mask, mode="bidirectional")
+        assert torch.allclose(a, model.forward_head(h, mask, pool=pool), atol=1e-5)
+
+
+def test_autoglm_forward_dict_feeds_the_loss():
+    cfg = MultiModalConfig(vision=VisionConfig(img_size=32, patch_size=8, depth=1),
+                           audio=AudioConfig(depth=1), text=SMALL_TEXT)
+    model = AutoGLMModel(cfg)
+    ids, mask = torch.randint(1, 97, (3, 5)), torch.ones(3, 5, dtype=torch.bool)
+    for modality, media in (("image", torch.rand(3, 3, 32, 32)), ("audio", torch.randn(3, 8000))):
+        out = model(modality, media, ids, mask)
+        assert set(out) == {"image_features", "text_features", "logit_scale"}
+        assert torch.allclose(out["image_features"].norm(dim=-1), torch.ones(3), atol=1e-5)
+        assert out["logit_scale"].item() == pytest.approx(1 / 0.07, rel=1e-5)
+
+
+def test_config_round_trip_and_errors():
+    cfg = MultiModalConfig(text=DecoderConfig(vocab_size=10))
+    again = MultiModalConfig.from_dict(cfg.to_dict())
+    assert again == cfg and again.text.head_dim == 64
+    with pytest.raises(ValueError, match="unknown VisionConfig key"):
+        MultiModalConfig.from_dict({"vision": {"img_sz": 64}})
+    with pytest.raises(ValueError, match="divisible"):
+        VisionConfig(img_size=60, patch_size=8)

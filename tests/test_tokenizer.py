@@ -1,0 +1,43 @@
+import pytest
+from transformers import AutoTokenizer
+
+from autoglm_phone.tokenizer import GLM_TOKENS, SPECIAL_TOKENS, cached_tokenizer, load_tokenizer
+
+TEXTS = [
+    "two small red circles on the left",
+    "one large blue square in the center",
+    "three quiet low buzzy beeps, rising",
+] * 20
+
+
+def test_round_trip_and_special_tokens(tmp_path):
+    tok = cached_tokenizer(TEXTS, tmp_path, vocab_size=400)
+    for text in set(TEXTS) | {"an unseen sentence: 7 purple stars!"}:
+        ids = tok(text)["input_ids"]
+        assert ids[:2] == tok.convert_tokens_to_ids(["[gMASK]", "<sop>"])
+        assert tok.decode(ids, skip_special_tokens=True) == text
+    for t in list(SPECIAL_TOKENS.values()) + GLM_TOKENS:
+        assert t == tok.unk_token or tok.convert_tokens_to_ids(t) != tok.unk_token_id, t
+        assert len(tok(t, add_special_tokens=False)["input_ids"]) == 1, t
+    assert tok.pad_token == SPECIAL_TOKENS["pad_token"]
+
+
+def test_saved_folder_loads_with_transformers(tmp_path):
+    tok = cached_tokenizer(TEXTS, tmp_path, vocab_size=400)
+    folder = next(tmp_path.glob("tokenizer-*"))
+    hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    assert hf("one large blue square")["input_ids"] == tok("one large blue square")["input_ids"]
+    assert len(hf) == len(tok)
+
+
+def test_cache_is_reused_and_keyed_by_corpus(tmp_path):
+    cached_tokenizer(TEXTS, tmp_path, vocab_size=400)
+    cached_tokenizer(TEXTS, tmp_path, vocab_size=400)
+    assert len(list(tmp_path.glob("tokenizer-*"))) == 1
+    cached_tokenizer(TEXTS + ["a new word: zebra"], tmp_path, vocab_size=400)
+    assert len(list(tmp_path.glob("tokenizer-*"))) == 2
+
+
+def test_missing_local_tokenizer_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no tokenizer"):
+        load_tokenizer(tmp_path / "nope")
