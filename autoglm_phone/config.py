@@ -18,7 +18,7 @@ class VisionConfig:
 
     name: str = "vit_tiny_patch16_224"  # timm architecture name
     img_size: int = 64
-    patch_size: int = 8
+    patch_size: int = 16
     depth: Optional[int] = None  # None keeps the architecture's own depth (12 for ViT-tiny)
     drop_path_rate: float = 0.0
     pretrained_path: Optional[str] = None  # local timm/.safetensors/.pth file; never downloaded
@@ -53,6 +53,34 @@ class AudioConfig:
 
 
 @dataclass
+class MoEConfig:
+    """Top-k mixture-of-experts FFN (Switch / GShard style); ``num_experts=0`` keeps dense FFNs."""
+
+    num_experts: int = 0
+    top_k: int = 2
+    layers: list[int] = field(default_factory=list)  # decoder layers with MoE; empty = all layers
+    expert_intermediate_size: Optional[int] = None  # None: the dense intermediate_size
+    capacity_factor: float = 1.25  # tokens per expert = factor * k * tokens / experts; <= 0: dropless
+    balance_loss_weight: float = 0.01  # Switch: num_experts * sum(fraction_i * mean_prob_i)
+    importance_loss_weight: float = 0.0  # Shazeer et al. 2017: CV^2 of summed gate values
+    z_loss_weight: float = 0.0  # ST-MoE router z-loss: mean(logsumexp(logits)^2)
+
+    def __post_init__(self) -> None:
+        if self.num_experts and not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"moe.top_k={self.top_k} must be in [1, moe.num_experts={self.num_experts}]")
+
+
+@dataclass
+class MemoryConfig:
+    """Segment-recurrent memory-augmented attention for long context; ``enabled=False`` is off."""
+
+    enabled: bool = False
+    segment_len: int = 512
+    num_slots: int = 32  # memory slots carried from segment to segment
+    bptt_segments: int = 2  # gradients flow back through this many segments
+
+
+@dataclass
 class DecoderConfig:
     """GLM-4-shaped decoder (RoPE, GQA, RMSNorm with post-norms, fused SwiGLU)."""
 
@@ -72,8 +100,17 @@ class DecoderConfig:
     max_seq_len: int = 8192
     tie_word_embeddings: bool = False
     pad_token_id: int = 0
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):
+            self.moe = from_dict(MoEConfig, self.moe)
+        if isinstance(self.memory, dict):
+            self.memory = from_dict(MemoryConfig, self.memory)
+        bad = [i for i in self.moe.layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"text.moe.layers {bad} outside [0, num_layers={self.num_layers})")
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
                 raise ValueError(

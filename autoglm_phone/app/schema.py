@@ -34,7 +34,7 @@ class DataConfig:
     use_av: bool = True  # AV scenes add (image, image caption) and (audio, audio caption) pairs
     # loading
     modalities: list[str] = field(default_factory=lambda: ["image", "audio"])
-    batch_size: int = 128
+    batch_size: int = 64
     eval_batch_size: int = 256
     num_workers: int = 0
     max_text_len: int = 32
@@ -45,7 +45,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
+    lr: float = 3e-4
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
