@@ -55,6 +55,7 @@ def test_eval_reports_all_directions_with_chance(trained, cache_dir, tmp_path):
         assert 0 <= m["R@1"] <= m["R@5"] <= m["R@10"] <= 100
     assert report["image->text"]["num_queries"] == n_test
     assert "x chance" in proc.stdout
+    assert out.with_suffix(".png").stat().st_size > 0
 
 
 def test_eval_needs_a_checkpoint(tmp_path):

@@ -88,6 +88,29 @@ def format_table(report: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def plot_report(report: dict[str, dict[str, float]], path: Path) -> None:
+    """Grouped bars of Recall@k per direction, with the chance level drawn as a dark cap."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report)
+    fig, ax = plt.subplots(figsize=(1.8 * len(names) + 2, 3.5))
+    width = 0.8 / len(KS)
+    for j, k in enumerate(KS):
+        xs = [i + (j - (len(KS) - 1) / 2) * width for i in range(len(names))]
+        ax.bar(xs, [report[n][f"R@{k}"] for n in names], width, label=f"R@{k}")
+        ax.scatter(xs, [report[n][f"chance_R@{k}"] for n in names], marker="_", s=200, c="k", zorder=3)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("recall (%)  — black: chance")
+    ax.set_ylim(0, 115)
+    ax.legend(ncols=len(KS), fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def run(cfg: DictConfig, data_overrides: list[str] | None = None) -> dict[str, Any]:
     if not cfg.ckpt_path:
         raise ValueError("ckpt_path is required: python eval.py ckpt_path=path/to/last.ckpt")
@@ -110,5 +133,6 @@ def run(cfg: DictConfig, data_overrides: list[str] | None = None) -> dict[str, A
     out_json.parent.mkdir(parents=True, exist_ok=True)
     result = {"ckpt_path": str(cfg.ckpt_path), "split": cfg.split, "retrieval": report}
     out_json.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out_json}")
+    plot_report(report, out_json.with_suffix(".png"))
+    print(f"wrote {out_json} and {out_json.with_suffix('.png')}")
     return result
