@@ -1,10 +1,8 @@
 import pytest
 import torch
-from transformers import Glm4Config, Glm4ForCausalLM
 
 from autoglm_phone.config import AudioConfig, DecoderConfig, MultiModalConfig, VisionConfig
 from autoglm_phone.models.autoglm import AutoGLMModel
-from autoglm_phone.models.glm import GLMDecoder, build_attention_mask
 from autoglm_phone.models.towers import AudioTower, VisionTower
 
 SMALL_TEXT = DecoderConfig(vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
@@ -43,47 +41,6 @@ def test_audio_any_sample_rate_is_resampled():
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.95
     with pytest.raises(ValueError, match="mono"):
         tower(torch.randn(1, 2, 100))
-
-
-def test_glm_matches_transformers_glm4():
-    torch.manual_seed(0)
-    hf_cfg = Glm4Config(
-        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
-        pad_token_id=0,
-    )
-    hf = Glm4ForCausalLM(hf_cfg).eval()
-    ours = GLMDecoder(
-        DecoderConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5)
-    ).eval()
-    ours.load_state_dict({k.removeprefix("model."): v for k, v in hf.state_dict().items()})
-    ids = torch.randint(1, 97, (2, 11))
-    with torch.no_grad():
-        assert torch.allclose(hf(ids).logits, ours(ids), atol=1e-5)
-
-
-def test_mask_modes():
-    pad = torch.tensor([[True, True, True, True], [False, True, True, True]])
-    causal = build_attention_mask(pad, "causal")[:, 0]
-    bidir = build_attention_mask(pad, "bidirectional")[:, 0]
-    prefix = build_attention_mask(pad, "prefix", prefix_lengths=torch.tensor([2, 2]))[:, 0]
-    assert causal[0].tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
-    assert bidir[0].all() and not bidir[1, :, 0][1:].any()  # nobody attends the pad key
-    # prefix of 2 real tokens: bidirectional among them, causal afterwards; left pad shifts it
-    assert prefix[0].tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
-    assert prefix[1, 1:, 1:].tolist() == [[1, 1, 0], [1, 1, 0], [1, 1, 1]]
-
-
-def test_text_pooling_ignores_padding():
-    model = GLMDecoder(SMALL_TEXT).eval()
-    ids = torch.randint(1, 97, (1, 6))
-    padded = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], dim=1)
-    mask = torch.tensor([[1] * 6 + [0] * 3]).bool()
-    for pool in ("mean", "last"):
-        a = model.forward_head(model.forward_features(ids, mode="bidirectional"), pool=pool)
-        h = model.forward_features(padded, mask, mode="bidirectional")
-        assert torch.allclose(a, model.forward_head(h, mask, pool=pool), atol=1e-5)
 
 
 def test_autoglm_forward_dict_feeds_the_loss():

@@ -11,11 +11,18 @@ layer for layer, with the same parameter names so conversion is a key rename:
 
 Attention runs through ``F.scaled_dot_product_attention`` with a boolean mask from one builder,
 :func:`build_attention_mask`, which makes causal, bidirectional and GLM's prefix-bidirectional
-masks (GLM-130B, Zeng et al. 2022: bidirectional over the prefix, causal over the rest).
+masks (GLM-130B, Zeng et al. 2022: bidirectional over the prefix, causal over the rest), square
+for a full forward or rectangular for a cached decoding step.
+
+``GLMDecoder.generate`` / ``stream`` decode with a key/value cache (``generation.py``): the prompt
+(token ids or ready-made embeddings, e.g. image/audio tokens + text) is encoded once, in prefix
+mode bidirectionally, then each new token attends causally. ``make_ffn`` picks each layer's FFN:
+dense SwiGLU, or a mixture of experts (``moe.py``) where ``cfg.moe`` asks for one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from enum import Enum
 
 import torch
@@ -24,6 +31,7 @@ from einops import rearrange
 from torch import nn
 
 from autoglm_phone.config import DecoderConfig
+from autoglm_phone.models.generation import KVCache, LayerKVCache, sample_next_token
 
 
 class AttentionMode(str, Enum):
@@ -36,32 +44,43 @@ def build_attention_mask(
     padding_mask: torch.Tensor,
     mode: AttentionMode | str = AttentionMode.CAUSAL,
     prefix_lengths: torch.Tensor | None = None,
+    *,
+    num_queries: int | None = None,
 ) -> torch.Tensor:
-    """Boolean attention mask ``(B, 1, T, T)``, True where query ``i`` may attend key ``j``.
+    """Boolean attention mask ``(B, 1, Q, K)``, True where query ``i`` may attend key ``j``.
 
-    ``padding_mask`` is ``(B, T)``, True on real tokens. In prefix mode, ``prefix_lengths`` ``(B,)``
-    counts the tokens (from the first real one) that see each other bidirectionally; later tokens
-    are causal. Padded query rows attend only to themselves so SDPA never sees an empty row.
+    ``padding_mask`` is ``(B, K)``, True on real tokens: every key, i.e. the cached tokens plus the
+    new ones when decoding with a cache. The queries are the last ``num_queries`` positions (all
+    ``K`` by default, the square mask), so a cached step's rectangular mask is exactly the last
+    ``Q`` rows of the full square mask. In prefix mode, ``prefix_lengths`` ``(B,)`` counts the
+    tokens (from the first real one) that see each other bidirectionally; later tokens are causal.
+    Padded query rows attend only to themselves so SDPA never sees an empty row.
     """
     mode = AttentionMode(mode)
-    b, t = padding_mask.shape
+    b, k_len = padding_mask.shape
+    q_len = k_len if num_queries is None else num_queries
+    if not 0 < q_len <= k_len:
+        raise ValueError(f"num_queries={num_queries} must be in [1, {k_len}] (the number of keys)")
     device = padding_mask.device
-    idx = torch.arange(t, device=device)
+    k_idx = torch.arange(k_len, device=device)  # (K,) key positions
+    q_idx = k_idx[k_len - q_len :]  # (Q,) query positions: the last Q keys
     if mode is AttentionMode.BIDIRECTIONAL:
-        allowed = torch.ones(t, t, dtype=torch.bool, device=device).expand(b, t, t)
+        allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=device).expand(b, q_len, k_len)
     else:
-        allowed = (idx[None, :] <= idx[:, None]).expand(b, t, t)  # (B, T, T) causal
+        allowed = (k_idx[None, :] <= q_idx[:, None]).expand(b, q_len, k_len)  # (B, Q, K) causal
         if mode is AttentionMode.PREFIX:
             if prefix_lengths is None:
                 raise ValueError("prefix attention needs prefix_lengths")
             # the prefix starts at the first real token (left padding shifts it)
             start = (~padding_mask).long().cumprod(-1).sum(-1)  # (B,) leading pads
             end = start + prefix_lengths.to(device)
-            in_prefix = (idx[None, :] >= start[:, None]) & (idx[None, :] < end[:, None])  # (B, T)
-            allowed = allowed | (in_prefix[:, :, None] & in_prefix[:, None, :])
+            key = k_idx[None, :]  # (1, K)
+            in_prefix = (key >= start[:, None]) & (key < end[:, None])  # (B, K)
+            q_in_prefix = in_prefix[:, k_len - q_len :]  # (B, Q)
+            allowed = allowed | (q_in_prefix[:, :, None] & in_prefix[:, None, :])
     allowed = allowed & padding_mask[:, None, :]  # keys must be real
-    allowed = allowed | torch.eye(t, dtype=torch.bool, device=device)  # no empty rows
-    return allowed[:, None]  # (B, 1, T, T)
+    allowed = allowed | (k_idx[None, :] == q_idx[:, None])  # no empty rows
+    return allowed[:, None]  # (B, 1, Q, K)
 
 
 def positions_from_padding(padding_mask: torch.Tensor) -> torch.Tensor:
@@ -114,7 +133,8 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
         bias = cfg.attention_bias
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=bias)
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
@@ -122,12 +142,20 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
+        """``x`` is ``(B, T, C)``; ``mask`` is ``(B, 1, T, S)`` with ``S`` = cached + ``T`` keys."""
         q = rearrange(self.q_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
         k = rearrange(self.k_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
         v = rearrange(self.v_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, H_kv, S, D): the cached keys, then the new ones
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads
         )  # (B, H, T, D)
@@ -147,22 +175,42 @@ class SwiGLU(nn.Module):
         return self.down_proj(up * F.silu(gate))
 
 
+def make_ffn(cfg: DecoderConfig, layer_idx: int) -> nn.Module:
+    """Layer ``layer_idx``'s feed-forward ``(B, T, C) -> (B, T, C)``: GLM-4's dense SwiGLU, or a
+    mixture of experts where ``cfg.moe`` has experts and lists this layer (empty list: all)."""
+    moe = cfg.moe
+    if moe.num_experts > 0 and (not moe.layers or layer_idx in moe.layers):
+        from autoglm_phone.models.moe import MoEFeedForward  # lazy: dense models never need it
+
+        return MoEFeedForward(
+            cfg.hidden_size, moe.expert_intermediate_size or cfg.intermediate_size, moe
+        )
+    return SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+
 class Block(nn.Module):
     """Pre-norm block with GLM-4's extra post-attention and post-MLP RMSNorms."""
 
-    def __init__(self, cfg: DecoderConfig) -> None:
+    def __init__(self, cfg: DecoderConfig, layer_idx: int = 0) -> None:
         super().__init__()
+        self.layer_idx = layer_idx
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_self_attn_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = make_ffn(cfg, layer_idx)
         self.post_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
-        x = x + self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask))
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        x = x + self.post_self_attn_layernorm(attn)
         x = x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x)))
         return x
 
@@ -170,18 +218,18 @@ class Block(nn.Module):
 class GLMDecoder(nn.Module):
     """Token embeddings, ``num_layers`` blocks, final norm and LM head.
 
-    Used both as the text tower (bidirectional, pooled: ``forward_features`` + ``forward_head``)
-    and as the language model (``forward`` returns logits).
+    Used as the text tower (bidirectional, pooled: ``forward_features`` + ``forward_head``), as
+    the language model (``forward`` returns logits) and to decode (``generate`` / ``stream``).
     """
 
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         if cfg.vocab_size <= 0:
-            raise ValueError("text.vocab_size must be set (it is normally taken from the tokenizer)")
+            raise ValueError("text.vocab_size must be set (normally taken from the tokenizer)")
         self.cfg = cfg
         self.embed_dim = cfg.hidden_size
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -196,6 +244,13 @@ class GLMDecoder(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    def _embed(
+        self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None
+    ) -> torch.Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        return self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+
     def forward_features(
         self,
         input_ids: torch.Tensor | None = None,
@@ -205,23 +260,35 @@ class GLMDecoder(nn.Module):
         mode: AttentionMode | str = AttentionMode.CAUSAL,
         prefix_lengths: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """Final-norm hidden states ``(B, T, hidden_size)``; ``attention_mask`` is ``(B, T)`` padding."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        """Final-norm hidden states ``(B, T, hidden_size)``; ``attention_mask`` is ``(B, T)`` padding.
+
+        With a ``cache`` the ``T`` new tokens also attend to the cached ones, ``attention_mask``
+        covers both (``(B, cache.length + T)``, as in transformers) and the cache grows in place.
+        Position ids default to :func:`positions_from_padding` over that whole mask.
+        """
+        x = self._embed(input_ids, inputs_embeds)
         b, t = x.shape[:2]
-        if t > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {t} exceeds text.max_seq_len={self.cfg.max_seq_len}")
+        past = 0 if cache is None else cache.length
+        if past + t > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence length {past + t} exceeds text.max_seq_len={self.cfg.max_seq_len}"
+            )
         if attention_mask is None:
-            attention_mask = torch.ones(b, t, dtype=torch.bool, device=x.device)
+            attention_mask = torch.ones(b, past + t, dtype=torch.bool, device=x.device)
         attention_mask = attention_mask.bool()
+        if attention_mask.shape != (b, past + t):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
+                f"{(b, past + t)} (cached + new tokens)"
+            )
         if position_ids is None:
-            position_ids = positions_from_padding(attention_mask)
+            position_ids = positions_from_padding(attention_mask)[:, past:]  # (B, T)
         cos, sin = self.rotary(position_ids)
-        mask = build_attention_mask(attention_mask, mode, prefix_lengths)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask)
+        mask = build_attention_mask(attention_mask, mode, prefix_lengths, num_queries=t)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, None if cache is None else cache[i])
         return self.norm(x)
 
     def forward_head(
@@ -241,3 +308,125 @@ class GLMDecoder(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """Next-token logits ``(B, T, vocab_size)``."""
         return self.lm_head(self.forward_features(input_ids, **kwargs))
+
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of the auxiliary losses (MoE load balancing, ...) that layers set in the last
+        forward, as a scalar; zero for a dense model."""
+        losses = [
+            m.aux_loss
+            for m in self.layers.modules()
+            if isinstance(getattr(m, "aux_loss", None), torch.Tensor)
+        ]
+        return sum(losses, self.embed_tokens.weight.new_zeros(()))
+
+    def moe_stats(self) -> dict[int, dict]:
+        """Layer index -> the ``stats`` dict its MoE FFN recorded in the last forward."""
+        return {
+            i: layer.mlp.stats
+            for i, layer in enumerate(self.layers)
+            if isinstance(getattr(layer.mlp, "stats", None), dict)
+        }
+
+    @torch.no_grad()
+    def stream(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        stop_token_ids: Sequence[int] = (),
+        mode: AttentionMode | str = AttentionMode.PREFIX,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Decode with a KV cache, yielding each step's ``(B,)`` new tokens.
+
+        The prompt (``input_ids`` ``(B, T)`` or ``inputs_embeds`` ``(B, T, C)``, left-padded as
+        ``attention_mask`` says) is encoded once: in ``"prefix"`` mode bidirectionally (GLM), in
+        ``"causal"`` mode causally. Each generated token then attends causally to everything
+        before it. A row that emits one of ``stop_token_ids`` emits ``cfg.pad_token_id`` after it;
+        decoding ends after ``max_new_tokens`` steps or once every row has stopped.
+        """
+        mode = AttentionMode(mode)
+        if mode is AttentionMode.BIDIRECTIONAL:
+            raise ValueError("generation needs mode 'prefix' or 'causal', not 'bidirectional'")
+        x = self._embed(input_ids, inputs_embeds)  # (B, T, C)
+        b, t = x.shape[:2]
+        if t + max_new_tokens > self.cfg.max_seq_len:
+            raise ValueError(
+                f"prompt ({t}) + max_new_tokens ({max_new_tokens}) exceeds "
+                f"text.max_seq_len={self.cfg.max_seq_len}"
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones(b, t, dtype=torch.bool, device=x.device)
+        padding = attention_mask.bool()  # (B, T), grows by one column per step
+        if (padding.long().cummax(-1).values != padding.long()).any():
+            raise ValueError("generation needs left-padded prompts (no padding after a real token)")
+        prefix_lengths = padding.sum(-1) if mode is AttentionMode.PREFIX else None  # whole prompt
+        cache = KVCache.from_config(self.cfg, b, t + max_new_tokens, dtype=x.dtype, device=x.device)
+        stop = torch.tensor(list(stop_token_ids), dtype=torch.long, device=x.device)
+        done = torch.zeros(b, dtype=torch.bool, device=x.device)
+        for _ in range(max_new_tokens):
+            hidden = self.forward_features(
+                inputs_embeds=x,
+                attention_mask=padding,
+                mode=mode,
+                prefix_lengths=prefix_lengths,
+                cache=cache,
+            )  # (B, T_new, C)
+            logits = self.lm_head(hidden[:, -1])  # (B, V)
+            token = sample_next_token(
+                logits,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                generator=generator,
+            )  # (B,)
+            token = token.masked_fill(done, self.cfg.pad_token_id)
+            done = done | torch.isin(token, stop)
+            yield token
+            if done.all():
+                return
+            x = self.embed_tokens(token[:, None])  # (B, 1, C)
+            padding = torch.cat([padding, padding.new_ones(b, 1)], dim=1)
+
+    def generate(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        stop_token_ids: Sequence[int] = (),
+        mode: AttentionMode | str = AttentionMode.PREFIX,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """The new tokens ``(B, N)``, ``N <= max_new_tokens``; same arguments as :meth:`stream`."""
+        steps = list(
+            self.stream(
+                input_ids,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                stop_token_ids=stop_token_ids,
+                mode=mode,
+                generator=generator,
+            )
+        )
+        if not steps:
+            ref = input_ids if input_ids is not None else inputs_embeds
+            return torch.zeros(ref.shape[0], 0, dtype=torch.long, device=ref.device)
+        return torch.stack(steps, dim=1)  # (B, N)

@@ -1,0 +1,183 @@
+"""Convert between transformers' ``Glm4ForCausalLM`` checkpoints and :class:`GLMDecoder`.
+
+``GLMDecoder`` uses ``Glm4ForCausalLM``'s parameter names minus the ``model.`` prefix, so weights
+convert by a key rename (litgpt's ``convert_hf_checkpoint`` in spirit, without the fused-QKV
+shuffle). The config maps field by field; anything our decoder cannot reproduce exactly (RoPE
+scaling, another activation, MoE or memory layers on export) is rejected by name rather than
+converted approximately.
+
+    decoder = load_glm4("path/to/glm4-checkpoint")  # config.json + *.safetensors
+    save_glm4(decoder, "path/to/out")  # Glm4ForCausalLM.from_pretrained("path/to/out") loads it
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from autoglm_phone.config import DecoderConfig
+from autoglm_phone.models.glm import GLMDecoder
+
+# Glm4Config's defaults (transformers 5.x) for keys a config.json may leave out.
+GLM4_DEFAULTS: dict[str, Any] = {
+    "num_key_value_heads": 2,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1.5625e-07,
+    "tie_word_embeddings": False,
+    "pad_token_id": 151329,
+    "attention_bias": True,
+}
+REQUIRED = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
+
+
+def _rope_parameters(hf: dict[str, Any]) -> tuple[float, float]:
+    """``(rope_theta, partial_rotary_factor)`` from ``rope_parameters`` (transformers >= 5) or the
+    older top-level ``rope_theta`` / ``partial_rotary_factor`` / ``rope_scaling`` keys."""
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(
+            f"rope_parameters.rope_type={rope_type!r} is not supported; GLMDecoder implements "
+            "only the default (unscaled) RoPE"
+        )
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    factor = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5))
+    return float(theta), float(factor)
+
+
+def decoder_config_from_glm4(hf_config: dict[str, Any]) -> DecoderConfig:
+    """A :class:`DecoderConfig` from a transformers GLM-4 ``config.json`` dict."""
+    model_type = hf_config.get("model_type", "glm4")
+    if model_type != "glm4":
+        raise ValueError(f"model_type={model_type!r} is not a GLM-4 decoder (expected 'glm4')")
+    missing = [k for k in REQUIRED if k not in hf_config]
+    if missing:
+        raise ValueError(f"GLM-4 config is missing {', '.join(missing)}")
+    hf = {**GLM4_DEFAULTS, **hf_config}
+    if hf["hidden_act"] != "silu":
+        raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported (GLM-4 uses 'silu')")
+    rope_theta, partial_rotary_factor = _rope_parameters(hf)
+    return DecoderConfig(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"],
+        num_kv_heads=hf["num_key_value_heads"],
+        head_dim=hf["head_dim"],
+        intermediate_size=hf["intermediate_size"],
+        partial_rotary_factor=partial_rotary_factor,
+        rope_theta=rope_theta,
+        rms_norm_eps=hf["rms_norm_eps"],
+        attention_bias=hf["attention_bias"],
+        max_seq_len=hf["max_position_embeddings"],
+        tie_word_embeddings=hf["tie_word_embeddings"],
+        pad_token_id=0 if hf["pad_token_id"] is None else hf["pad_token_id"],
+    )
+
+
+def glm4_config_from_decoder(cfg: DecoderConfig) -> dict[str, Any]:
+    """The ``config.json`` dict of the ``Glm4ForCausalLM`` that computes what ``cfg`` does."""
+    if cfg.moe.num_experts > 0:
+        raise ValueError(
+            f"text.moe.num_experts={cfg.moe.num_experts}: MoE layers have no Glm4ForCausalLM "
+            "equivalent"
+        )
+    if cfg.memory.enabled:
+        raise ValueError(
+            "text.memory.enabled=True: memory attention has no Glm4ForCausalLM equivalent"
+        )
+    return {
+        "architectures": ["Glm4ForCausalLM"],
+        "model_type": "glm4",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "attention_bias": cfg.attention_bias,
+        "attention_dropout": 0.0,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": cfg.rope_theta,
+            "partial_rotary_factor": cfg.partial_rotary_factor,
+        },
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "pad_token_id": cfg.pad_token_id,
+    }
+
+
+def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a folder's ``model.safetensors``, or of the shards its index lists."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").is_file():
+        shards = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder}")
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        state.update(load_file(folder / shard))
+    return state
+
+
+def load_glm4(source: str | Path | nn.Module, *, dtype: torch.dtype = torch.float32) -> GLMDecoder:
+    """A :class:`GLMDecoder` with the weights of a GLM-4 checkpoint.
+
+    ``source`` is a local transformers checkpoint folder (``config.json`` plus ``model.safetensors``
+    or sharded ``model-*.safetensors`` with their index) or a ``Glm4ForCausalLM`` instance. Nothing
+    is downloaded. Tied embeddings are re-tied; the result is in eval mode, in ``dtype``.
+    """
+    if isinstance(source, nn.Module):
+        cfg = decoder_config_from_glm4(source.config.to_dict())
+        state = source.state_dict()
+    else:
+        folder = Path(source)
+        cfg = decoder_config_from_glm4(json.loads((folder / "config.json").read_text()))
+        state = _read_safetensors(folder)
+    ours = {
+        k.removeprefix("model."): v
+        for k, v in state.items()
+        if not k.endswith("rotary_emb.inv_freq")
+    }
+    if cfg.tie_word_embeddings:
+        ours["lm_head.weight"] = ours["embed_tokens.weight"]
+    decoder = GLMDecoder(cfg)
+    decoder.load_state_dict(ours, strict=True)
+    return decoder.to(dtype).eval()
+
+
+def save_glm4(decoder: GLMDecoder, folder: str | Path) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` that ``Glm4ForCausalLM.from_pretrained``
+    loads into the same model; returns the folder. Raises for MoE or memory decoders."""
+    config = glm4_config_from_decoder(decoder.cfg)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for name, tensor in decoder.state_dict().items():
+        if name == "lm_head.weight" and decoder.cfg.tie_word_embeddings:
+            continue  # tied to model.embed_tokens.weight, as transformers saves it
+        key = name if name.startswith("lm_head.") else f"model.{name}"
+        state[key] = tensor.detach().contiguous()
+    config["dtype"] = str(decoder.embed_tokens.weight.dtype).removeprefix("torch.")
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder

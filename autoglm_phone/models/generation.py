@@ -1,0 +1,129 @@
+"""Incremental decoding helpers: a key/value cache and next-token sampling.
+
+The cache is preallocated, as in gpt-fast and litgpt's ``KVCache``: one ``(B, H_kv, max_len, D)``
+key buffer and one value buffer per layer, allocated once for the prompt plus every token to be
+generated. ``update`` writes the new keys/values in place and returns views of the filled part, so
+a decoding step allocates nothing and copies only the new token.
+
+Sampling follows transformers' logits processors in order: temperature, then top-k, then top-p
+(nucleus, Holtzman et al. 2019), then a multinomial draw; ``do_sample=False`` is greedy argmax.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from autoglm_phone.config import DecoderConfig
+
+
+class LayerKVCache:
+    """Keys and values of one attention layer, ``(B, H_kv, max_len, D)``, filled left to right."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        num_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        shape = (batch_size, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0  # filled positions, the same for every row
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``(B, H_kv, T, D)`` keys/values; return all of them so far, ``(B, H_kv, S, D)``."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions > max_len={self.max_len}")
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """One :class:`LayerKVCache` per decoder layer; ``cache[i]`` goes to layer ``i``."""
+
+    def __init__(self, layers: list[LayerKVCache]) -> None:
+        self.layers = layers
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: DecoderConfig,
+        batch_size: int,
+        max_len: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> KVCache:
+        return cls(
+            [
+                LayerKVCache(
+                    batch_size, cfg.num_kv_heads, max_len, cfg.head_dim, dtype=dtype, device=device
+                )
+                for _ in range(cfg.num_layers)
+            ]
+        )
+
+    def __getitem__(self, layer_idx: int) -> LayerKVCache:
+        return self.layers[layer_idx]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def length(self) -> int:
+        """Cached positions (every layer holds the same number after a full forward)."""
+        return self.layers[0].length
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set logits outside the top-k / top-p support to ``-inf``; ``logits`` is ``(B, V)``.
+
+    ``top_k=0`` and ``top_p=1.0`` disable each filter. Top-k keeps every logit at least as large as
+    the k-th largest (ties may keep more). Top-p keeps the smallest set of most likely tokens whose
+    probability sums to at least ``top_p``, and always the most likely token.
+    """
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        probs = sorted_logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # probability mass of strictly more likely tokens
+        drop_sorted = before >= top_p  # the first token has before == 0 and is always kept
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    *,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick one token per row from ``(B, V)`` logits: greedy argmax, or a filtered sample ``(B,)``."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    probs = logits.softmax(dim=-1)  # (B, V)
+    return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
