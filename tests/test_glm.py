@@ -195,7 +195,7 @@ def lm() -> GLMDecoder:
 @torch.no_grad()
 def _greedy_recompute(model, prompt, mask, mode, steps, embeds=False):
     """Reference decoding without a cache: a full forward over prompt + generated at each step."""
-    new = torch.zeros(prompt.shape[0], 0, dtype=torch.long)
+    new = torch.zeros(prompt.shape[0], 0, dtype=torch.long, device=prompt.device)
     prefix = mask.sum(-1)
     for _ in range(steps):
         full_mask = torch.cat([mask, torch.ones_like(new, dtype=torch.bool)], dim=1)
@@ -220,6 +220,19 @@ def test_cached_generation_matches_recompute(lm, mode, embeds):
     got = lm.generate(**kwargs, attention_mask=mask, max_new_tokens=6, mode=mode)
     assert got.shape == (3, 6)
     assert torch.equal(got, _greedy_recompute(lm, prompt, mask, mode, 6, embeds))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cached_generation_on_gpu(lm):
+    model = GLMDecoder(SMALL_TEXT).cuda().eval()
+    model.load_state_dict(lm.state_dict())
+    ids, mask = (t.cuda() for t in _padded_batch("left"))
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=6)
+    assert torch.equal(got, _greedy_recompute(model, ids, mask, "prefix", 6))
+    assert torch.equal(
+        got.cpu(), lm.generate(ids.cpu(), attention_mask=mask.cpu(), max_new_tokens=6)
+    )
 
 
 def test_prefix_and_causal_modes_differ(lm):

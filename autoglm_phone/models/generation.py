@@ -39,7 +39,7 @@ class LayerKVCache:
         return self.k.shape[2]
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append ``(B, H_kv, T, D)`` keys/values; return all of them so far, ``(B, H_kv, S, D)``."""
+        """Append ``(B, H_kv, T, D)`` keys/values; return all so far, ``(B, H_kv, S, D)``."""
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions > max_len={self.max_len}")
@@ -119,7 +119,10 @@ def sample_next_token(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Pick one token per row from ``(B, V)`` logits: greedy argmax, or a filtered sample ``(B,)``."""
+    """One token per row ``(B,)`` from ``(B, V)`` logits: greedy argmax, or a filtered sample.
+
+    A ``generator`` must live on the logits' device.
+    """
     if not do_sample:
         return logits.argmax(dim=-1)
     if temperature <= 0:

@@ -262,7 +262,7 @@ class GLMDecoder(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """Final-norm hidden states ``(B, T, hidden_size)``; ``attention_mask`` is ``(B, T)`` padding.
+        """Final-norm hidden states ``(B, T, C)``; ``attention_mask`` ``(B, T)`` is True on tokens.
 
         With a ``cache`` the ``T`` new tokens also attend to the cached ones, ``attention_mask``
         covers both (``(B, cache.length + T)``, as in transformers) and the cache grows in place.
