@@ -55,11 +55,22 @@ class PretrainModule(L.LightningModule):
         total = 0.0
         for modality, sub in batch.items():
             loss, _ = self._itc(sub)
+            aux = self.model.text.aux_loss()  # MoE balancing terms of this forward (0 if dense)
             self.log(f"train/itc_{modality}", loss, batch_size=len(sub["caption"]))
-            total = total + weight * loss
+            self._log_moe(modality)
+            total = total + weight * loss + aux
         self.log("train/loss", total, prog_bar=True)
         self.log("train/temperature", 1.0 / self.model.logit_scale.exp().detach())
         return total
+
+    def _log_moe(self, modality: str) -> None:
+        """Per-layer expert load (share of routed assignments) and dropped-token counts."""
+        for layer, stats in self.model.text.moe_stats().items():
+            prefix = f"moe/{modality}/layer{layer}"
+            for e, share in enumerate(stats["load"].tolist()):
+                self.log(f"{prefix}/load_e{e}", share)
+            self.log(f"{prefix}/dropped", stats["dropped"].float())
+            self.log(f"{prefix}/aux", self.model.text.layers[layer].mlp.aux_loss.detach())
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         loss, out = self._itc(batch)
