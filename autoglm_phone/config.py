@@ -6,9 +6,14 @@ checkpoints / exported artifacts store them as plain dicts (``dataclasses.asdict
 Derived sizes are computed in ``__post_init__`` (litgpt style), never in config interpolations.
 """
 
+# OmegaConf reads these annotations and needs Optional[...], not X | None:
+# ruff: noqa: UP045
+
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+import math
+from collections.abc import Callable
+from dataclasses import InitVar, asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any, Optional
 
 
@@ -135,34 +140,170 @@ class DecoderConfig:
 
 
 @dataclass
+class AdapterConfig:
+    """Tower tokens -> decoder embeddings: token pooling, then a low-rank projection (LoRA-style)."""
+
+    POOLS = ("avg", "attn")
+
+    rank: int = 64  # rank of the tower-width -> decoder hidden_size projection
+    image_tokens: int = 16  # decoder tokens per image; "avg" needs a square (pooled on the grid)
+    audio_tokens: int = 16  # decoder tokens per audio clip, whatever its length
+    pool: str = "avg"  # "avg": adaptive average pooling; "attn": learned queries (CoCa pooler)
+
+    def __post_init__(self) -> None:
+        if self.pool not in self.POOLS:
+            raise ValueError(f"adapter.pool must be one of {self.POOLS}, got {self.pool!r}")
+        for name in ("rank", "image_tokens", "audio_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"adapter.{name} must be positive, got {getattr(self, name)}")
+        if self.pool == "avg" and math.isqrt(self.image_tokens) ** 2 != self.image_tokens:
+            raise ValueError(
+                f"adapter.image_tokens={self.image_tokens} must be a square (k x k grid) "
+                "with pool='avg'"
+            )
+
+
+@dataclass
+class SpecialTokens:
+    """Ids of the GLM markers around media blocks; ``None`` until a tokenizer fills them in."""
+
+    NAMES = {
+        "begin_of_image": "<|begin_of_image|>",
+        "end_of_image": "<|end_of_image|>",
+        "begin_of_audio": "<|begin_of_audio|>",
+        "end_of_audio": "<|end_of_audio|>",
+    }
+
+    begin_of_image: Optional[int] = None
+    end_of_image: Optional[int] = None
+    begin_of_audio: Optional[int] = None
+    end_of_audio: Optional[int] = None
+    eos: Optional[int] = None  # the tokenizer's eos: ``AutoGLMModel.generate``'s default stop
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any) -> SpecialTokens:
+        """Look the markers up in a Hugging Face tokenizer; a missing one raises naming it."""
+        ids = {}
+        for name, token in cls.NAMES.items():
+            idx = tokenizer.convert_tokens_to_ids(token)
+            if idx is None or idx == tokenizer.unk_token_id:
+                raise ValueError(f"tokenizer has no {token!r} token (needed for {name})")
+            ids[name] = idx
+        return cls(**ids, eos=tokenizer.eos_token_id)
+
+
+# String shorthands for the towers and the decoder (``MultiModalConfig(vision_encoder=...)``).
+VISION_ENCODERS: dict[str, Callable[[], VisionConfig]] = {
+    "vit-tiny": VisionConfig,  # timm ViT-Ti/16 at 64 px: 16 tokens, 5.5M parameters
+    "vit-base": lambda: VisionConfig(name="vit_base_patch16_224", img_size=224),  # 196 tokens, 86M
+}
+AUDIO_ENCODERS: dict[str, Callable[[], AudioConfig]] = {
+    "audio-tiny": AudioConfig,  # 192 wide, 4 blocks: 1.9M parameters
+    "audio-base": lambda: AudioConfig(embed_dim=512, depth=6, num_heads=8),  # Whisper-base-sized
+}
+TEXT_DECODERS: dict[str, Callable[[], DecoderConfig]] = {
+    "glm-tiny": DecoderConfig,  # 256 wide, 4 layers; vocabulary from the tokenizer
+    # GLM-4-9B-0414's shape (untied embeddings, 9.4B parameters), at an 8192-token context
+    "glm-4-9b": lambda: DecoderConfig(
+        vocab_size=151552,
+        hidden_size=4096,
+        num_layers=40,
+        num_heads=32,
+        num_kv_heads=2,
+        head_dim=128,
+        intermediate_size=13696,
+        partial_rotary_factor=0.5,
+        max_seq_len=8192,
+        tie_word_embeddings=False,
+        pad_token_id=151329,
+    ),
+}
+QUANTIZE = (None, "int4")
+SHORTHANDS = ("vision_encoder", "audio_encoder", "text_decoder")
+
+
+def _lookup(table: dict[str, Callable[[], Any]], kind: str, name: str) -> Any:
+    if name not in table:
+        raise ValueError(f"unknown {kind} {name!r}; known: {', '.join(sorted(table))}")
+    return table[name]()
+
+
+@dataclass
 class MultiModalConfig:
-    """The whole model: towers, decoder, and the shared contrastive space."""
+    """The whole model: towers, adapters into the decoder, decoder, and the contrastive space.
+
+    ``vision_encoder`` / ``audio_encoder`` / ``text_decoder`` are init-only shorthands: a name from
+    :data:`VISION_ENCODERS` / :data:`AUDIO_ENCODERS` / :data:`TEXT_DECODERS` fills in ``vision`` /
+    ``audio`` / ``text`` (give a name or the nested config, not both). Only the nested configs are
+    stored, so ``to_dict`` / ``from_dict`` round-trip exactly.
+    """
 
     vision: VisionConfig = field(default_factory=VisionConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
     text: DecoderConfig = field(default_factory=DecoderConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    special_tokens: SpecialTokens = field(default_factory=SpecialTokens)
     embed_dim: int = 256  # shared contrastive space
     proj_rank: int = 64  # rank of the low-rank tower -> shared-space projections
     text_pool: str = "mean"  # "mean" over valid tokens, or "last" valid token
     init_temperature: float = 0.07
+    quantize: Optional[str] = None  # None or "int4": the deployment precision (summary default)
+    vision_encoder: InitVar[Optional[str]] = None
+    audio_encoder: InitVar[Optional[str]] = None
+    text_decoder: InitVar[Optional[str]] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(
+        self,
+        vision_encoder: Optional[str] = None,
+        audio_encoder: Optional[str] = None,
+        text_decoder: Optional[str] = None,
+    ) -> None:
         # Hydra/OmegaConf hand us dict-like nodes; accept plain dicts too.
-        for name, cls in (("vision", VisionConfig), ("audio", AudioConfig), ("text", DecoderConfig)):
+        sections = (
+            ("vision", VisionConfig, vision_encoder, VISION_ENCODERS, "vision_encoder"),
+            ("audio", AudioConfig, audio_encoder, AUDIO_ENCODERS, "audio_encoder"),
+            ("text", DecoderConfig, text_decoder, TEXT_DECODERS, "text_decoder"),
+            ("adapter", AdapterConfig, None, None, None),
+            ("special_tokens", SpecialTokens, None, None, None),
+        )
+        for name, cls, shorthand, table, kind in sections:
             value = getattr(self, name)
             if not isinstance(value, cls):
-                setattr(self, name, from_dict(cls, dict(value)))
+                value = from_dict(cls, dict(value))
+                setattr(self, name, value)
+            if shorthand is not None:
+                if value != cls():
+                    raise ValueError(f"give {kind}={shorthand!r} or {name}=..., not both")
+                setattr(self, name, _lookup(table, kind.replace("_", " "), shorthand))
         if self.text_pool not in ("mean", "last"):
             raise ValueError(f"text_pool must be 'mean' or 'last', got {self.text_pool!r}")
         if not 0 < self.init_temperature < 1:
             raise ValueError(f"init_temperature must be in (0, 1), got {self.init_temperature}")
+        if self.quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {QUANTIZE}, got {self.quantize!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MultiModalConfig:
-        return from_dict(cls, data)
+        """From a plain (nested) dict; unknown keys fail by name, shorthand names are accepted."""
+        known = {f.name for f in fields(cls)} | set(SHORTHANDS)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} key(s): {', '.join(unknown)}")
+        return cls(**data)  # __post_init__ builds the nested configs, checking their keys
+
+    def with_tokenizer(self, tokenizer: Any) -> MultiModalConfig:
+        """A copy sized for ``tokenizer``: vocabulary (if still 0), pad id and media markers.
+
+        The same steps as the training app, so a model built here matches a trained one.
+        """
+        vocab = self.text.vocab_size or len(tokenizer)
+        if vocab < len(tokenizer):
+            raise ValueError(f"text.vocab_size={vocab} < tokenizer size {len(tokenizer)}")
+        text = replace(self.text, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id)
+        return replace(self, text=text, special_tokens=SpecialTokens.from_tokenizer(tokenizer))
 
 
 def from_dict(cls: type, data: dict[str, Any]) -> Any:

@@ -1,13 +1,29 @@
-"""Low-rank (LoRA-style) projections between widths.
+"""Low-rank (LoRA-style) projections between widths, and the media adapters into the decoder.
 
-A ``d_in x d_out`` map factored as ``up(down(x))`` with rank ``r``: ``r * (d_in + d_out)``
-parameters instead of ``d_in * d_out`` (Hu et al. 2021, LoRA), used to map each tower into the
-shared contrastive space and, later, into the decoder's width.
+A ``d_in x d_out`` map factored as ``up(down(x))`` with rank ``r`` costs ``r * (d_in + d_out)``
+parameters instead of ``d_in * d_out`` (Hu et al. 2021, LoRA). It maps each tower into the shared
+contrastive space (:class:`LowRankProjection`) and, inside a :class:`MediaAdapter`, each tower's
+tokens into the decoder's ``hidden_size``, LLaVA-style (Liu et al. 2023) but low-rank:
+
+    tower tokens (B, N, D) -> pool to K tokens (B, K, D) -> project (B, K, C) -> + modality embedding
+
+Pooling fixes the number of decoder tokens per image / clip whatever the tower produced:
+
+- ``"avg"`` (default): adaptive average pooling, parameter-free and order-preserving. Image
+  tokens are pooled on their square patch grid (``k x k`` output, neighbours merge with
+  neighbours, as PLLaVA, Xu et al. 2024, pools frames); audio tokens over time.
+  Averaging commutes with the linear projection, so pooling first only saves compute.
+- ``"attn"``: ``K`` learned queries cross-attend to all tokens: CoCa's attentional pooler
+  (Yu et al. 2022), written as open_clip's ``AttentionalPooler``; it learns what to keep.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 
@@ -21,3 +37,75 @@ class LowRankProjection(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(x))
+
+
+class AvgTokenPool(nn.Module):
+    """Adaptive average pooling of ``(B, N, D)`` tokens to ``(B, K, D)``; on a square grid if
+    ``grid`` (``N`` and ``K`` squares), else along the sequence."""
+
+    def __init__(self, num_tokens: int, grid: bool = False) -> None:
+        super().__init__()
+        self.num_tokens, self.grid = num_tokens, grid
+        self.side = math.isqrt(num_tokens)
+        if grid and self.side**2 != num_tokens:
+            raise ValueError(f"grid pooling needs a square number of tokens, got {num_tokens}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.grid:
+            x = F.adaptive_avg_pool1d(rearrange(x, "b n d -> b d n"), self.num_tokens)  # (B, D, K)
+            return rearrange(x, "b d k -> b k d")
+        side = math.isqrt(x.shape[1])
+        if side**2 != x.shape[1]:
+            raise ValueError(f"grid pooling needs a square patch grid, got {x.shape[1]} tokens")
+        x = rearrange(x, "b (h w) d -> b d h w", h=side)
+        x = F.adaptive_avg_pool2d(x, self.side)  # (B, D, k, k)
+        return rearrange(x, "b d h w -> b (h w) d")
+
+
+class AttentionTokenPool(nn.Module):
+    """``K`` learned queries attend to the tokens: CoCa's attentional pooler (open_clip)."""
+
+    def __init__(self, dim: int, num_tokens: int) -> None:
+        super().__init__()
+        num_heads = dim // 64 if dim % 64 == 0 else 1  # 64-wide heads where the width allows
+        self.query = nn.Parameter(torch.randn(num_tokens, dim))
+        self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.ln_q = nn.LayerNorm(dim)
+        self.ln_k = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.ln_k(x)  # (B, N, D)
+        q = self.ln_q(self.query).expand(x.shape[0], -1, -1)  # (B, K, D)
+        return self.attn(q, x, x, need_weights=False)[0]  # (B, K, D)
+
+
+def build_token_pool(pool: str, dim: int, num_tokens: int, grid: bool = False) -> nn.Module:
+    if pool == "avg":
+        return AvgTokenPool(num_tokens, grid)
+    if pool == "attn":
+        return AttentionTokenPool(dim, num_tokens)
+    raise ValueError(f"unknown token pool {pool!r}; expected 'avg' or 'attn'")
+
+
+class MediaAdapter(nn.Module):
+    """Tower tokens ``(B, N, D)`` -> ``num_tokens`` decoder embeddings ``(B, K, C)``: pool, project
+    at low rank, add the modality's learned embedding to every token."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        rank: int,
+        num_tokens: int,
+        pool: str = "avg",
+        grid: bool = False,
+    ) -> None:
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.pool = build_token_pool(pool, in_dim, num_tokens, grid)
+        self.proj = LowRankProjection(in_dim, out_dim, rank)
+        self.modality_embed = nn.Parameter(torch.empty(out_dim))
+        nn.init.normal_(self.modality_embed, std=0.02)  # the decoder's token-embedding scale
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.pool(tokens)) + self.modality_embed  # (B, K, C)

@@ -1,0 +1,58 @@
+"""Named whole-model presets for ``AutoGLMModel.from_pretrained(name)``.
+
+A preset is a config plus the device to build it on. ``autoglm-phone-tiny`` is the CPU model the
+experiments train (``conf/model/tiny.yaml``; ``tests/test_api.py`` keeps the two equal).
+``autoglm-phone-9b`` has a GLM-4-9B-shaped decoder and is built on the meta device: shapes
+only, no memory, so ``summary()`` sizes it anywhere. docs/MODEL.md has both presets' numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from autoglm_phone.config import TEXT_DECODERS, AdapterConfig, MultiModalConfig
+
+
+def autoglm_phone_tiny() -> MultiModalConfig:
+    """ViT-Ti/16 at 64 px, a 4-block audio transformer, a 4-layer 256-wide GLM decoder (~7M
+    parameters besides the embeddings, whose size comes from the tokenizer)."""
+    return MultiModalConfig(
+        vision_encoder="vit-tiny", audio_encoder="audio-tiny", text_decoder="glm-tiny"
+    )
+
+
+def autoglm_phone_9b() -> MultiModalConfig:
+    """GLM-4-9B's decoder with tied input/output embeddings, ViT-B/16 at 224 px and a
+    Whisper-base-sized audio tower: 8.89B parameters, ~5.8 GiB at INT4 with an 8k FP16 KV cache."""
+    return MultiModalConfig(
+        vision_encoder="vit-base",
+        audio_encoder="audio-base",
+        text=replace(TEXT_DECODERS["glm-4-9b"](), tie_word_embeddings=True),
+        adapter=AdapterConfig(rank=256, image_tokens=64, audio_tokens=64),
+        embed_dim=512,
+        proj_rank=128,
+        quantize="int4",
+    )
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    make_config: Callable[[], MultiModalConfig]
+    device: str  # where from_pretrained builds it unless told; "meta": shapes only
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("autoglm-phone-tiny", autoglm_phone_tiny, "cpu"),
+        Preset("autoglm-phone-9b", autoglm_phone_9b, "meta"),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
