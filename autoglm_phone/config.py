@@ -141,7 +141,7 @@ class DecoderConfig:
 
 @dataclass
 class AdapterConfig:
-    """Tower tokens -> decoder embeddings: token pooling, then a low-rank projection (LoRA-style)."""
+    """Tower tokens -> decoder embeddings: token pooling, then a low-rank (LoRA-style) map."""
 
     POOLS = ("avg", "attn")
 
@@ -198,8 +198,8 @@ VISION_ENCODERS: dict[str, Callable[[], VisionConfig]] = {
     "vit-base": lambda: VisionConfig(name="vit_base_patch16_224", img_size=224),  # 196 tokens, 86M
 }
 AUDIO_ENCODERS: dict[str, Callable[[], AudioConfig]] = {
-    "audio-tiny": AudioConfig,  # 192 wide, 4 blocks: 1.9M parameters
-    "audio-base": lambda: AudioConfig(embed_dim=512, depth=6, num_heads=8),  # Whisper-base-sized
+    "audio-tiny": AudioConfig,  # 192 wide, 4 blocks: 2.0M parameters
+    "audio-base": lambda: AudioConfig(embed_dim=512, depth=6, num_heads=8),  # Whisper-base, 19M
 }
 TEXT_DECODERS: dict[str, Callable[[], DecoderConfig]] = {
     "glm-tiny": DecoderConfig,  # 256 wide, 4 layers; vocabulary from the tokenizer

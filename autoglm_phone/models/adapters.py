@@ -5,7 +5,7 @@ parameters instead of ``d_in * d_out`` (Hu et al. 2021, LoRA). It maps each towe
 contrastive space (:class:`LowRankProjection`) and, inside a :class:`MediaAdapter`, each tower's
 tokens into the decoder's ``hidden_size``, LLaVA-style (Liu et al. 2023) but low-rank:
 
-    tower tokens (B, N, D) -> pool to K tokens (B, K, D) -> project (B, K, C) -> + modality embedding
+    tokens (B, N, D) -> pool to K tokens (B, K, D) -> project (B, K, C) -> + modality embedding
 
 Pooling fixes the number of decoder tokens per image / clip whatever the tower produced:
 

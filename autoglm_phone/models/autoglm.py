@@ -289,14 +289,14 @@ class AutoGLMModel(nn.Module):
         return model
 
     def _load_weights(self, path: Path, device: torch.device) -> None:
-        """Load a safetensors file written by :meth:`save_pretrained` (strict, tied weights once)."""
+        """Load a :meth:`save_pretrained` safetensors file (strict; tied weights stored once)."""
         state = load_file(str(path), device=str(device))
-        expected, aliases = _untied_state(self)
+        expected, _ = _untied_state(self)
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         if missing or unexpected:
             raise ValueError(
-                f"{path} does not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
-                f" ({len(missing)} and {len(unexpected)} in all)"
+                f"{path} does not fit the config: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]} ({len(missing)} and {len(unexpected)} in all)"
             )
         try:
             self.load_state_dict(state, strict=False)  # only the tied aliases are left out
@@ -370,9 +370,10 @@ def read_config(path: str | Path) -> MultiModalConfig:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
     if not isinstance(data, dict) or set(data) != {"format_version", "model"}:
+        got = sorted(data) if isinstance(data, dict) else type(data).__name__
         raise ValueError(
             f"{path}: not an autoglm_phone model config; expected the keys "
-            f"'format_version' and 'model', got {sorted(data) if isinstance(data, dict) else data!r}"
+            f"'format_version' and 'model', got {got}"
         )
     version = data["format_version"]
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
@@ -514,7 +515,8 @@ class ModelSummary:
                 "",
                 f"INT4: 4-bit Linear weights + an FP16 scale per {self.int4_group_size} weights; "
                 "embeddings, norms, biases at FP16.",
-                f"KV cache, FP16, {self.context_len} tokens, batch 1: {_bytes(self.kv_cache_bytes)}",
+                f"KV cache, FP16, {self.context_len} tokens, batch 1: "
+                f"{_bytes(self.kv_cache_bytes)}",
                 f"{self.precision.upper()}* weights + KV cache: {_bytes(self.total_bytes())}",
             ]
         )

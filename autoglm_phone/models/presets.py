@@ -15,8 +15,8 @@ from autoglm_phone.config import TEXT_DECODERS, AdapterConfig, MultiModalConfig
 
 
 def autoglm_phone_tiny() -> MultiModalConfig:
-    """ViT-Ti/16 at 64 px, a 4-block audio transformer, a 4-layer 256-wide GLM decoder (~7M
-    parameters besides the embeddings, whose size comes from the tokenizer)."""
+    """ViT-Ti/16 at 64 px, a 4-block audio transformer, a 4-layer 256-wide GLM decoder: 11.7M
+    parameters with the experiments' 1024-token vocabulary (taken from the tokenizer)."""
     return MultiModalConfig(
         vision_encoder="vit-tiny", audio_encoder="audio-tiny", text_decoder="glm-tiny"
     )
