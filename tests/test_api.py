@@ -102,7 +102,7 @@ def test_9b_preset_size_on_meta(big):
     assert abs(s.params - 8.9e9) < 0.1e9
     assert s.precision == "int4" and s.context_len == 8192
     assert s.kv_cache_bytes == 2 * 40 * 2 * 128 * 8192 * 2  # K and V, 40 layers, 2 KV heads, FP16
-    assert s.weight_bytes("int4") + s.kv_cache_bytes < 6 * 2**30  # fits a 6 GB (GiB) phone
+    assert s.weight_bytes("int4") + s.kv_cache_bytes < 6e9  # fits 6 GB (decimal, so GiB too)
     text = next(r for r in s.rows if r.name == "text")
     assert text.bytes["fp16"] == 2 * text.params
 
@@ -113,11 +113,12 @@ def test_summary_table_and_int4_convention(tiny, capsys):
     assert str(s) in table and "vision_adapter" in table and "FP32*" in table
     assert [r.name for r in s.rows][:3] == ["vision", "audio", "text"]
     assert s.params == sum(p.numel() for p in tiny.parameters())
-    # vision adapter: Linear 192 -> 64 and Linear 64 -> 256 at 4 bits + an FP16 scale per 32
-    # inputs; the up-projection's bias and the modality embedding (256 each) at FP16
+    # vision adapter: Linear 192 -> 64 and Linear 64 -> 256 at 4 bits + FP16 scale and zero
+    # point per 128 inputs (a partial group counts whole); the up-projection's bias and the
+    # modality embedding (256 each) at FP16
     row = next(r for r in s.rows if r.name == "vision_adapter")
-    down = 64 * 192 / 2 + 2 * 64 * (192 // 32)
-    up = 256 * 64 / 2 + 2 * 256 * (64 // 32)
+    down = 64 * 192 / 2 + 4 * 64 * 2
+    up = 256 * 64 / 2 + 4 * 256 * 1
     assert row.bytes["int4"] == down + up + 2 * (256 + 256)
     assert s.kv_cache_bytes == 2 * 1 * 2 * 64 * 128 * 2  # 1 layer, 2 KV heads of 64, FP16
 

@@ -305,7 +305,7 @@ class AutoGLMModel(nn.Module):
 
     # -- size ----------------------------------------------------------------------------------
     def summary(
-        self, context_len: int | None = None, *, int4_group_size: int = 32, show: bool = True
+        self, context_len: int | None = None, *, int4_group_size: int = 128, show: bool = True
     ) -> ModelSummary:
         """Parameters and weight memory per top-level submodule, and the FP16 KV cache of one
         sequence of ``context_len`` tokens (default ``text.max_seq_len``); prints the table."""
@@ -424,12 +424,13 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 PRECISIONS = ("fp32", "fp16", "int4")
 
 
-def weight_bytes(model: nn.Module, int4_group_size: int = 32) -> dict[int, dict[str, float]]:
+def weight_bytes(model: nn.Module, int4_group_size: int = 128) -> dict[int, dict[str, float]]:
     """Bytes of each parameter (keyed by ``id``) at FP32, FP16 and INT4.
 
-    INT4 convention (weight-only, as llama.cpp's Q4_0 / group-wise GPTQ): the weight matrix of
-    every ``nn.Linear`` takes 4 bits per weight plus one FP16 scale per ``int4_group_size``
-    consecutive input weights (group 32: 4.5 bits per weight); everything else, i.e. embeddings,
+    INT4 convention (weight-only, as torchao's ``Int4WeightOnlyConfig`` default): the weight
+    matrix of every ``nn.Linear`` takes 4 bits per weight plus an FP16 scale and an FP16 zero
+    point per ``int4_group_size`` consecutive input weights (group 128: 4.25 bits per weight);
+    everything else, i.e. embeddings,
     norms, biases, convolutions, attention-pooler in-projections, learned queries, stays FP16.
     A weight shared by an embedding and a Linear (tied LM head) counts once, as an embedding.
     """
@@ -441,7 +442,7 @@ def weight_bytes(model: nn.Module, int4_group_size: int = 32) -> dict[int, dict[
         int4 = 2 * n
         if id(p) in linear:
             out_features, in_features = p.shape
-            int4 = n / 2 + 2 * out_features * math.ceil(in_features / int4_group_size)
+            int4 = n / 2 + 4 * out_features * math.ceil(in_features / int4_group_size)
         sizes[id(p)] = {"fp32": 4 * n, "fp16": 2 * n, "int4": int4}
     return sizes
 
@@ -513,7 +514,7 @@ class ModelSummary:
                 rule,
                 line(body[-1]),
                 "",
-                f"INT4: 4-bit Linear weights + an FP16 scale per {self.int4_group_size} weights; "
+                f"INT4: 4-bit Linear weights + FP16 scale and zero point per {self.int4_group_size}; "
                 "embeddings, norms, biases at FP16.",
                 f"KV cache, FP16, {self.context_len} tokens, batch 1: "
                 f"{_bytes(self.kv_cache_bytes)}",
