@@ -14,6 +14,15 @@ CONFIGS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster than several, much more so on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _stream(frontend, wave: torch.Tensor, sizes, **kwargs) -> torch.Tensor:
     """Push ``wave`` in chunks of the given sizes (cycled), then flush; concatenate all frames."""
     stream, outs, start, i = frontend.stream(**kwargs), [], 0, 0
