@@ -202,7 +202,8 @@ AUDIO_ENCODERS: dict[str, Callable[[], AudioConfig]] = {
     "audio-base": lambda: AudioConfig(embed_dim=512, depth=6, num_heads=8),  # Whisper-base, 19M
 }
 TEXT_DECODERS: dict[str, Callable[[], DecoderConfig]] = {
-    "glm-tiny": DecoderConfig,  # 256 wide, 4 layers; vocabulary from the tokenizer
+    # 256 wide, 4 layers, top-2-of-4 MoE FFNs in layers 1 and 3; vocabulary from the tokenizer
+    "glm-tiny": lambda: DecoderConfig(moe=MoEConfig(num_experts=4, top_k=2, layers=[1, 3])),
     # GLM-4-9B-0414's shape (untied embeddings, 9.4B parameters), at an 8192-token context
     "glm-4-9b": lambda: DecoderConfig(
         vocab_size=151552,

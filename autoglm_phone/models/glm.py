@@ -170,7 +170,8 @@ class SwiGLU(nn.Module):
         self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask`` (real tokens) is part of the FFN contract for MoE routing; dense ignores it."""
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(up * F.silu(gate))
 
@@ -208,10 +209,12 @@ class Block(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor,
         cache: LayerKVCache | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``token_mask`` ``(B, T)`` marks real tokens so MoE routing skips padding."""
         attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         x = x + self.post_self_attn_layernorm(attn)
-        x = x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x)))
+        x = x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x), token_mask))
         return x
 
 
@@ -287,8 +290,9 @@ class GLMDecoder(nn.Module):
             position_ids = positions_from_padding(attention_mask)[:, past:]  # (B, T)
         cos, sin = self.rotary(position_ids)
         mask = build_attention_mask(attention_mask, mode, prefix_lengths, num_queries=t)
+        token_mask = attention_mask[:, past:]  # (B, T) the new tokens
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, None if cache is None else cache[i])
+            x = layer(x, cos, sin, mask, None if cache is None else cache[i], token_mask)
         return self.norm(x)
 
     def forward_head(
