@@ -194,6 +194,19 @@ def test_gradients_reach_router_and_every_used_expert():
     assert aux.router.weight.grad.abs().sum() > 0
 
 
+def test_top1_renormalised_gate_gives_router_no_task_gradient():
+    x = torch.randn(2, 12, C)
+    grads = {}
+    for renormalize in (True, False):
+        cfg = MoEConfig(num_experts=4, top_k=1, capacity_factor=0.0, balance_loss_weight=0.0)
+        cfg.renormalize_gates = renormalize  # proposed MoEConfig field, read with getattr
+        torch.manual_seed(0)
+        layer = MoEFeedForward(C, FF, cfg)
+        layer(x).square().sum().backward()
+        grads[renormalize] = layer.router.weight.grad.abs().max().item()
+    assert grads[True] < 1e-6 < 1e-2 < grads[False]  # p / p = 1: only rounding noise is left
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_export_matches_eager(masked):
     layer = _layer(capacity_factor=1.0).eval()

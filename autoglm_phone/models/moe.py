@@ -107,6 +107,9 @@ class MoEFeedForward(nn.Module):
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
         self.capacity_factor = cfg.capacity_factor
+        # With top-1, renormalised gates are identically 1 and the task loss gives the router no
+        # gradient; False keeps the raw probabilities (Switch's top-1 gate). Not yet in MoEConfig.
+        self.renormalize_gates = bool(getattr(cfg, "renormalize_gates", True))
         self.balance_loss_weight = cfg.balance_loss_weight
         self.importance_loss_weight = cfg.importance_loss_weight
         self.z_loss_weight = cfg.z_loss_weight
@@ -139,8 +142,8 @@ class MoEFeedForward(nn.Module):
     # -- routing -----------------------------------------------------------------------------
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Router logits ``(N, E)`` (float32), top-k experts ``(N, K)`` and their gates ``(N, K)``
-        renormalised to sum to 1 per token."""
+        """Router logits ``(N, E)`` (float32), top-k experts ``(N, K)`` and their gates ``(N, K)``,
+        renormalised to sum to 1 per token unless ``renormalize_gates`` is off."""
         x, weight = x.float(), self.router.weight.float()
         if torch.is_autocast_enabled(x.device.type):  # keep the router in float32 (ST-MoE)
             with torch.autocast(x.device.type, enabled=False):
@@ -148,8 +151,9 @@ class MoEFeedForward(nn.Module):
         else:  # no autocast region in the graph, so export stays plain aten ops
             logits = F.linear(x, weight)
         probs = logits.softmax(dim=-1)
-        top_probs, expert_idx = probs.topk(self.top_k, dim=-1)  # (N, K)
-        gates = top_probs / top_probs.sum(dim=-1, keepdim=True)
+        gates, expert_idx = probs.topk(self.top_k, dim=-1)  # (N, K)
+        if self.renormalize_gates:
+            gates = gates / gates.sum(dim=-1, keepdim=True)
         return logits, expert_idx, gates
 
     def experts(self, h: torch.Tensor) -> torch.Tensor:
