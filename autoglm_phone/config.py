@@ -69,6 +69,7 @@ class MoEConfig:
     balance_loss_weight: float = 0.01  # Switch: num_experts * sum(fraction_i * mean_prob_i)
     importance_loss_weight: float = 0.0  # Shazeer et al. 2017: CV^2 of summed gate values
     z_loss_weight: float = 0.0  # ST-MoE router z-loss: mean(logsumexp(logits)^2)
+    renormalize_gates: bool = True  # top-k gates sum to 1; top-1 + True leaves the router no task gradient
 
     def __post_init__(self) -> None:
         if self.num_experts and not 1 <= self.top_k <= self.num_experts:

@@ -16,7 +16,12 @@ from autoglm_phone.models.presets import PRESETS, autoglm_phone_tiny
 from autoglm_phone.tokenizer import train_tokenizer
 
 # The tiny preset at depth 1 everywhere, for speed.
-SHALLOW = {"vision": {"depth": 1}, "audio": {"depth": 1}, "text": {"num_layers": 1}}
+# shallow towers; the decoder keeps one dense and one MoE layer (the preset's layer 1 is MoE)
+SHALLOW = {
+    "vision": {"depth": 1},
+    "audio": {"depth": 1},
+    "text": {"num_layers": 2, "moe": {"layers": [1]}},
+}
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +125,7 @@ def test_summary_table_and_int4_convention(tiny, capsys):
     down = 64 * 192 / 2 + 4 * 64 * 2
     up = 256 * 64 / 2 + 4 * 256 * 1
     assert row.bytes["int4"] == down + up + 2 * (256 + 256)
-    assert s.kv_cache_bytes == 2 * 1 * 2 * 64 * 128 * 2  # 1 layer, 2 KV heads of 64, FP16
+    assert s.kv_cache_bytes == 2 * 2 * 2 * 64 * 128 * 2  # 2 layers, 2 KV heads of 64, FP16
 
 
 def test_unknown_preset_or_folder_raises(tmp_path):
@@ -153,7 +158,7 @@ def test_save_load_round_trip_gives_identical_outputs(tiny, tmp_path):
 
 
 def test_tied_embeddings_are_stored_once(tokenizer, tmp_path):
-    tied = {**SHALLOW, "text": {"num_layers": 1, "tie_word_embeddings": True}}
+    tied = {**SHALLOW, "text": {**SHALLOW["text"], "tie_word_embeddings": True}}
     model = AutoGLMModel.from_pretrained("autoglm-phone-tiny", tied, tokenizer=tokenizer)
     folder = model.save_pretrained(tmp_path / "tied")
     loaded = AutoGLMModel.from_pretrained(folder)
@@ -168,7 +173,7 @@ def test_load_with_overrides_checks_the_weights_fit(tiny, tmp_path):
     bigger = AutoGLMModel.from_pretrained(folder, {"text": {"hidden_size": 128}}, device="meta")
     assert bigger.cfg.text.head_dim == 32  # derived sizes follow the new width
     with pytest.raises(ValueError, match="model.safetensors does not fit"):
-        AutoGLMModel.from_pretrained(folder, {"text": {"num_layers": 2}})
+        AutoGLMModel.from_pretrained(folder, {"text": {"num_layers": 3}})
 
 
 @pytest.mark.parametrize(

@@ -139,7 +139,14 @@ class SyntheticSpec:
         check_int("seed", 0)
         check_int("image_size", 32)
         check_int("sample_rate", 8000)
-        for name in ("num_train", "num_val", "num_test", "num_av_train", "num_av_val", "num_av_test"):
+        for name in (
+            "num_train",
+            "num_val",
+            "num_test",
+            "num_av_train",
+            "num_av_val",
+            "num_av_test",
+        ):
             check_int(name, 1)
         seconds = self.audio_seconds
         if isinstance(seconds, bool) or not isinstance(seconds, int | float):
@@ -220,7 +227,10 @@ def parse_caption(modality: str, caption: str) -> dict[str, Any]:
         image_part, sep, audio_part = caption.partition(" with ")
         if not sep:
             raise ValueError(f"not an av caption: {caption!r}")
-        return {"image": parse_caption("image", image_part), "audio": parse_caption("audio", audio_part)}
+        return {
+            "image": parse_caption("image", image_part),
+            "audio": parse_caption("audio", audio_part),
+        }
     if modality == "image":
         match = _IMAGE_RE.fullmatch(caption)
         if match is None:
@@ -330,7 +340,9 @@ def render_image(
     tint = rng.integers(-BACKGROUND_TINT, BACKGROUND_TINT + 1, size=3)
     background = tuple(int(c) for c in np.clip(np.array(BACKGROUND_RGB) + tint, 0, 255))
     jitter = rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=3)
-    colour = tuple(int(c) for c in np.clip(np.array(COLOUR_RGB[attributes["colour"]]) + jitter, 0, 255))
+    colour = tuple(
+        int(c) for c in np.clip(np.array(COLOUR_RGB[attributes["colour"]]) + jitter, 0, 255)
+    )
 
     lo, hi = SIZE_RADIUS[attributes["size"]]
     base = rng.uniform(lo, hi)
@@ -606,7 +618,9 @@ class SyntheticDataset(torch.utils.data.Dataset):
             "sample_rate": self.sample_rate,
         }
         if self.images is not None:
-            item["image"] = torch.from_numpy(np.ascontiguousarray(self.images[index].transpose(2, 0, 1)))
+            item["image"] = torch.from_numpy(
+                np.ascontiguousarray(self.images[index].transpose(2, 0, 1))
+            )
         if self.audio is not None:
             item["audio"] = torch.from_numpy(self.audio[index].astype(np.float32) / 32768.0)
         if self.modality == "av":

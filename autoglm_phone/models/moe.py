@@ -109,7 +109,7 @@ class MoEFeedForward(nn.Module):
         self.capacity_factor = cfg.capacity_factor
         # With top-1, renormalised gates are identically 1 and the task loss gives the router no
         # gradient; False keeps the raw probabilities (Switch's top-1 gate). Not yet in MoEConfig.
-        self.renormalize_gates = bool(getattr(cfg, "renormalize_gates", True))
+        self.renormalize_gates = bool(cfg.renormalize_gates)
         self.balance_loss_weight = cfg.balance_loss_weight
         self.importance_loss_weight = cfg.importance_loss_weight
         self.z_loss_weight = cfg.z_loss_weight
