@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 PIP     := $(BIN)/pip install --constraint requirements/lock.txt
 OVERRIDES ?=
 
-.PHONY: quickstart train eval test test-all lint format bench clean
+.PHONY: quickstart test test-all lint format bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,12 @@ test: $(VENV)/.installed-test
 ## test-all: every test, slow ones included (GPU tests skip themselves without a GPU)
 test-all: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q
+
+## bench: the benchmarks' quick versions (tables on stdout, JSON under outputs/bench/)
+bench: $(VENV)/.installed
+	$(BIN)/python bench/moe.py --quick
+	$(BIN)/python bench/memory.py
+	$(BIN)/python bench/long_recall.py --quick
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
