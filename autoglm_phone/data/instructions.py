@@ -1,0 +1,185 @@
+"""Instruction (prompt, response) pairs from the synthetic data's attributes, in GLM's chat format.
+
+Each question asks for one attribute of the caption grammar (docs/DATA.md) or for the caption
+itself, and its answer is the grammar's own word for it, so :func:`parse_answer` reads the
+attribute back and the pairs double as an attribute-accuracy test of generated answers. The
+prompt's wording never depends on the attributes (no "is it a circle?"), so it gives nothing
+away.
+
+The chat layout follows GLM-4 / GLM-4V (Zeng et al. 2024, "ChatGLM: A Family of Large Language
+Models from GLM-130B to GLM-4 All Tools")::
+
+    [gMASK]<sop><|user|>\\n<|image|>How many shapes are there?<|assistant|>\\nthree<|endoftext|>
+
+``[gMASK]<sop>`` come from the tokenizer (:mod:`autoglm_phone.tokenizer` adds them to every
+sequence), so :func:`format_chat` leaves them out. ``<|image|>`` / ``<|audio|>`` are one-token
+placeholders marking which media the turn refers to; the media tokens themselves are the block
+:meth:`AutoGLMModel.build_prefix` puts in front of the text. Only the response and the closing
+end-of-text token are trained on (:func:`tokenize_chat`'s ``loss_mask``); the end-of-text token
+is what ``generate`` stops on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from autoglm_phone.data.synthetic import (
+    AUDIO_ATTRIBUTES,
+    COUNT_WORDS,
+    IMAGE_ATTRIBUTES,
+    POSITION_PHRASES,
+    audio_caption,
+    av_caption,
+    image_caption,
+    parse_caption,
+)
+
+USER, ASSISTANT = "<|user|>", "<|assistant|>"
+MEDIA_PLACEHOLDERS = {"image": "<|image|>", "audio": "<|audio|>"}
+MODALITY_MEDIA = {"image": ("image",), "audio": ("audio",), "av": ("image", "audio")}
+
+# (prompt, attribute): None asks for the whole caption of that part
+IMAGE_QUESTIONS: tuple[tuple[str, str | None], ...] = (
+    ("Describe the image.", None),
+    ("How many shapes are there?", "count"),
+    ("Are the shapes small or large?", "size"),
+    ("What colour are the shapes?", "colour"),
+    ("What shape are they?", "shape"),
+    ("Where are the shapes?", "position"),
+)
+AUDIO_QUESTIONS: tuple[tuple[str, str | None], ...] = (
+    ("What is the sound?", None),
+    ("How many beeps?", "count"),
+    ("Is the sound loud or quiet?", "loudness"),
+    ("Is the pitch low, mid or high?", "pitch"),
+    ("What timbre do the beeps have?", "timbre"),
+    ("Is the pitch steady, rising or falling?", "contour"),
+)
+QUESTIONS = {"image": IMAGE_QUESTIONS, "audio": AUDIO_QUESTIONS}
+SCENE_PROMPT = "Describe the scene."  # av only: the full av caption
+
+
+def _answer(attribute: str | None, attributes: Mapping[str, Any], part: str) -> str:
+    if attribute is None:
+        return image_caption(attributes) if part == "image" else audio_caption(attributes)
+    value = attributes[attribute]
+    if attribute == "count":
+        return COUNT_WORDS[int(value) - 1]
+    if attribute == "position":
+        return POSITION_PHRASES[value]
+    return str(value)
+
+
+def _parts(modality: str, record: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """``{"image": attrs}``, ``{"audio": attrs}`` or both, from the attributes or the caption."""
+    if modality not in MODALITY_MEDIA:
+        raise ValueError(f"unknown modality {modality!r}; expected one of {tuple(MODALITY_MEDIA)}")
+    attributes = record.get("attributes") or parse_caption(modality, record["caption"])
+    if modality == "av":
+        return {part: attributes[part] for part in MODALITY_MEDIA["av"]}
+    return {modality: attributes}
+
+
+def instructions_for(modality: str, record: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Every (prompt, response) pair for one sample, in a fixed order.
+
+    ``record`` is a jsonl record (``caption`` and ``attributes``) or a ``SyntheticDataset`` item
+    (``caption`` only: the attributes are parsed from it). ``av`` samples get the image and the
+    audio questions plus :data:`SCENE_PROMPT`.
+    """
+    parts = _parts(modality, record)
+    pairs = []
+    if modality == "av":
+        pairs.append((SCENE_PROMPT, av_caption(parts["image"], parts["audio"])))
+    for part, attributes in parts.items():
+        pairs += [(q, _answer(attr, attributes, part)) for q, attr in QUESTIONS[part]]
+    return pairs
+
+
+def _parse_value(part: str, attribute: str, response: str) -> dict[str, Any]:
+    if attribute == "count":
+        words: Sequence[str] = COUNT_WORDS
+    elif attribute == "position":
+        words = tuple(POSITION_PHRASES.values())
+    else:
+        words = (IMAGE_ATTRIBUTES if part == "image" else AUDIO_ATTRIBUTES)[attribute]
+    if response not in words:
+        raise ValueError(f"not a {part} {attribute}: {response!r}")
+    if attribute == "count":
+        return {"count": COUNT_WORDS.index(response) + 1}
+    if attribute == "position":
+        return {"position": next(k for k, v in POSITION_PHRASES.items() if v == response)}
+    return {attribute: response}
+
+
+def parse_answer(modality: str, prompt: str, response: str) -> dict[str, Any]:
+    """The attributes a response states, nested like the records' (``av``: by part).
+
+    Inverts :func:`instructions_for`; raises ValueError for an unknown prompt or an answer
+    outside the grammar, so a generated answer can be scored attribute by attribute.
+    """
+    if modality == "av" and prompt == SCENE_PROMPT:
+        return parse_caption("av", response)
+    for part in MODALITY_MEDIA.get(modality, ()):
+        for question, attribute in QUESTIONS[part]:
+            if question == prompt:
+                stated = (
+                    parse_caption(part, response)
+                    if attribute is None
+                    else _parse_value(part, attribute, response)
+                )
+                return {part: stated} if modality == "av" else stated
+    raise ValueError(f"unknown prompt for {modality!r}: {prompt!r}")
+
+
+def format_chat(
+    prompt: str, response: str | None = None, media: Sequence[str] = ("image",), eos: str = ""
+) -> str:
+    """One user turn and, if given, the assistant's ``response`` followed by ``eos``.
+
+    Without a response the text ends after ``<|assistant|>\\n``: the prompt a server sends to
+    ``generate``. ``media`` names the placeholders to put before the prompt (``()`` for none).
+    """
+    unknown = [m for m in media if m not in MEDIA_PLACEHOLDERS]
+    if unknown:
+        raise ValueError(f"unknown media {unknown}; expected some of {tuple(MEDIA_PLACEHOLDERS)}")
+    placeholders = "".join(MEDIA_PLACEHOLDERS[m] for m in media)
+    text = f"{USER}\n{placeholders}{prompt}{ASSISTANT}\n"
+    return text if response is None else text + response + eos
+
+
+def tokenize_chat(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    media: Sequence[str] = ("image",),
+    max_length: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """A right-padded chat batch from a Hugging Face tokenizer.
+
+    Prompt part (with the tokenizer's ``[gMASK]<sop>``) and response + ``eos_token`` are
+    tokenized apart and concatenated, so the prompt's ids are exactly what a server gets for
+    ``format_chat(prompt)``. Returns ``input_ids`` ``(B, T)`` int64, ``attention_mask`` and
+    ``loss_mask`` ``(B, T)`` bool (True on the response tokens and the closing eos only). Rows
+    longer than ``max_length`` are cut on the right.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if tokenizer.eos_token is None or tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer needs an eos and a pad token")
+    heads = tokenizer([format_chat(p, media=media) for p in prompts])["input_ids"]
+    answers = [r + tokenizer.eos_token for r in responses]
+    tails = tokenizer(answers, add_special_tokens=False)["input_ids"]
+    rows = [(h + r)[:max_length] for h, r in zip(heads, tails, strict=True)]
+    width = max((len(r) for r in rows), default=0)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    loss_mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, (row, head) in enumerate(zip(rows, heads, strict=True)):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention_mask[i, : len(row)] = True
+        loss_mask[i, len(head) : len(row)] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
