@@ -65,15 +65,21 @@ class MoEConfig:
     top_k: int = 2
     layers: list[int] = field(default_factory=list)  # decoder layers with MoE; empty = all layers
     expert_intermediate_size: Optional[int] = None  # None: the dense intermediate_size
-    capacity_factor: float = 1.25  # tokens per expert = factor * k * tokens / experts; <= 0: dropless
+    capacity_factor: float = (
+        1.25  # tokens per expert = factor * k * tokens / experts; <= 0: dropless
+    )
     balance_loss_weight: float = 0.01  # Switch: num_experts * sum(fraction_i * mean_prob_i)
     importance_loss_weight: float = 0.0  # Shazeer et al. 2017: CV^2 of summed gate values
     z_loss_weight: float = 0.0  # ST-MoE router z-loss: mean(logsumexp(logits)^2)
-    renormalize_gates: bool = True  # top-k gates sum to 1; top-1 + True leaves the router no task gradient
+    renormalize_gates: bool = (
+        True  # top-k gates sum to 1; top-1 + True leaves the router no task gradient
+    )
 
     def __post_init__(self) -> None:
         if self.num_experts and not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"moe.top_k={self.top_k} must be in [1, moe.num_experts={self.num_experts}]")
+            raise ValueError(
+                f"moe.top_k={self.top_k} must be in [1, moe.num_experts={self.num_experts}]"
+            )
 
 
 @dataclass

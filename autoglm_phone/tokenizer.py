@@ -63,7 +63,9 @@ def train_tokenizer(
     # Every encoded sequence starts with GLM's [gMASK]<sop> prefix markers.
     gmask, sop = tok.token_to_id("[gMASK]"), tok.token_to_id("<sop>")
     tok.post_processor = processors.TemplateProcessing(
-        single="[gMASK] <sop> $A", pair="[gMASK] <sop> $A $B", special_tokens=[("[gMASK]", gmask), ("<sop>", sop)]
+        single="[gMASK] <sop> $A",
+        pair="[gMASK] <sop> $A $B",
+        special_tokens=[("[gMASK]", gmask), ("<sop>", sop)],
     )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, additional_special_tokens=GLM_TOKENS, **SPECIAL_TOKENS

@@ -6,12 +6,12 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, SMALL_DATA
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from autoglm_phone.app.schema import register_schemas
 from autoglm_phone.app.train import build
-from conftest import ROOT, SMALL_DATA
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 LOGGERS = sorted(p.stem for p in (ROOT / "conf" / "logger").glob("*.yaml"))
@@ -39,8 +39,14 @@ def test_groups_compose(trainer, logger, tmp_path):
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_builds_its_objects(experiment, tmp_path, cache_dir):
     cfg = compose_train(
-        [f"experiment={experiment}", "logger=csv", f"paths.output_dir={tmp_path}",
-         f"paths.cache_dir={cache_dir}", "trainer.fast_dev_run=1", *SMALL_DATA]
+        [
+            f"experiment={experiment}",
+            "logger=csv",
+            f"paths.output_dir={tmp_path}",
+            f"paths.cache_dir={cache_dir}",
+            "trainer.fast_dev_run=1",
+            *SMALL_DATA,
+        ]
     )
     built = build(cfg)
     assert built.module.model.text.cfg.vocab_size == len(built.datamodule.tokenizer)
@@ -51,7 +57,11 @@ def test_experiment_builds_its_objects(experiment, tmp_path, cache_dir):
 
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=ROOT, timeout=600
+        [sys.executable, str(ROOT / script), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
     )
 
 

@@ -9,7 +9,11 @@ SMALL_TEXT = DecoderConfig(vocab_size=97, hidden_size=64, num_layers=2, num_head
 
 
 def _towers():
-    yield "vision", VisionTower(VisionConfig(img_size=32, patch_size=8, depth=2)), torch.rand(2, 3, 32, 32)
+    yield (
+        "vision",
+        VisionTower(VisionConfig(img_size=32, patch_size=8, depth=2)),
+        torch.rand(2, 3, 32, 32),
+    )
     yield "audio", AudioTower(AudioConfig(depth=2)), 0.1 * torch.randn(2, 16000)
 
 
@@ -44,8 +48,11 @@ def test_audio_any_sample_rate_is_resampled():
 
 
 def test_autoglm_forward_dict_feeds_the_loss():
-    cfg = MultiModalConfig(vision=VisionConfig(img_size=32, patch_size=8, depth=1),
-                           audio=AudioConfig(depth=1), text=SMALL_TEXT)
+    cfg = MultiModalConfig(
+        vision=VisionConfig(img_size=32, patch_size=8, depth=1),
+        audio=AudioConfig(depth=1),
+        text=SMALL_TEXT,
+    )
     model = AutoGLMModel(cfg)
     ids, mask = torch.randint(1, 97, (3, 5)), torch.ones(3, 5, dtype=torch.bool)
     for modality, media in (("image", torch.rand(3, 3, 32, 32)), ("audio", torch.randn(3, 8000))):

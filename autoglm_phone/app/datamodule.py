@@ -82,14 +82,23 @@ class Collate:
 
 
 class MultiModalDataModule(L.LightningDataModule):
-    def __init__(self, cfg: DataConfig, cache_dir: str | Path, image_size: int, progress: bool = True):
+    def __init__(
+        self, cfg: DataConfig, cache_dir: str | Path, image_size: int, progress: bool = True
+    ):
         super().__init__()
         if cfg.name != "synthetic":
             raise ValueError(f"unknown data.name {cfg.name!r}; available: synthetic")
         unknown = set(cfg.modalities) - {"image", "audio"}
         if unknown or not cfg.modalities:
-            raise ValueError(f"data.modalities must be a non-empty subset of [image, audio], got {cfg.modalities}")
-        self.cfg, self.cache_dir, self.image_size, self.progress = cfg, Path(cache_dir), image_size, progress
+            raise ValueError(
+                f"data.modalities must be a non-empty subset of [image, audio], got {cfg.modalities}"
+            )
+        self.cfg, self.cache_dir, self.image_size, self.progress = (
+            cfg,
+            Path(cache_dir),
+            image_size,
+            progress,
+        )
         self.spec = SyntheticSpec(
             seed=cfg.seed,
             image_size=cfg.image_size,
@@ -128,7 +137,9 @@ class MultiModalDataModule(L.LightningDataModule):
     def training_captions(self) -> list[str]:
         texts: list[str] = []
         for modality in ("image", "audio", "av"):
-            texts += [r["caption"] for r in SyntheticDataset(self.folder, modality, "train").records]
+            texts += [
+                r["caption"] for r in SyntheticDataset(self.folder, modality, "train").records
+            ]
         return texts
 
     def prepare_data(self) -> None:

@@ -33,7 +33,9 @@ def load_checkpoint(path: str | Path) -> tuple[AutoGLMModel, Any, dict[str, Any]
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     hp = ckpt["hyper_parameters"]
     model = AutoGLMModel(MultiModalConfig.from_dict(hp["model"]))
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    state = {
+        k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")
+    }
     model.load_state_dict(state)
     with tempfile.TemporaryDirectory() as tmp:
         for name, text in hp["tokenizer_files"].items():
@@ -80,7 +82,11 @@ def retrieval_report(emb: dict[str, torch.Tensor], modality: str) -> dict[str, d
 
 def format_table(report: dict[str, dict[str, float]]) -> str:
     cols = [f"R@{k}" for k in KS] + ["median_rank"]
-    head = f"{'direction':<14}" + "".join(f"{c:>12}" for c in cols) + f"{'R@1 chance':>12}{'x chance':>10}"
+    head = (
+        f"{'direction':<14}"
+        + "".join(f"{c:>12}" for c in cols)
+        + f"{'R@1 chance':>12}{'x chance':>10}"
+    )
     lines = [head, "-" * len(head)]
     for name, m in report.items():
         row = f"{name:<14}" + "".join(f"{m[c]:>12.2f}" for c in cols)
@@ -101,7 +107,9 @@ def plot_report(report: dict[str, dict[str, float]], path: Path) -> None:
     for j, k in enumerate(KS):
         xs = [i + (j - (len(KS) - 1) / 2) * width for i in range(len(names))]
         ax.bar(xs, [report[n][f"R@{k}"] for n in names], width, label=f"R@{k}")
-        ax.scatter(xs, [report[n][f"chance_R@{k}"] for n in names], marker="_", s=200, c="k", zorder=3)
+        ax.scatter(
+            xs, [report[n][f"chance_R@{k}"] for n in names], marker="_", s=200, c="k", zorder=3
+        )
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("recall (%)  — black: chance")
     ax.set_ylim(0, 115)
@@ -118,14 +126,16 @@ def run(cfg: DictConfig, data_overrides: list[str] | None = None) -> dict[str, A
     model, tokenizer, hp = load_checkpoint(cfg.ckpt_path)
     data = OmegaConf.merge(OmegaConf.structured(DataConfig), hp["data"])
     if data_overrides:
-        data = OmegaConf.merge(data, OmegaConf.from_dotlist([o.removeprefix("data.") for o in data_overrides]))
+        data = OmegaConf.merge(
+            data, OmegaConf.from_dotlist([o.removeprefix("data.") for o in data_overrides])
+        )
     data_cfg: DataConfig = OmegaConf.to_object(data)
     dm = MultiModalDataModule(data_cfg, cfg.paths.cache_dir, image_size=model.cfg.vision.img_size)
     dm.set_tokenizer(tokenizer)
     loaders = dm.test_dataloader() if cfg.split == "test" else dm.val_dataloader()
 
     report: dict[str, dict[str, float]] = {}
-    for modality, loader in zip(data_cfg.modalities, loaders):
+    for modality, loader in zip(data_cfg.modalities, loaders, strict=True):
         report.update(retrieval_report(embed_split(model, loader, f"embed {modality}"), modality))
     print(f"\nretrieval on the {cfg.split} split ({cfg.ckpt_path})\n{format_table(report)}\n")
 

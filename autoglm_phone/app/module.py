@@ -47,7 +47,9 @@ class PretrainModule(L.LightningModule):
 
     # -- steps ---------------------------------------------------------------------------------
     def _itc(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out = self.model(batch["modality"], batch["media"], batch["input_ids"], batch["attention_mask"])
+        out = self.model(
+            batch["modality"], batch["media"], batch["input_ids"], batch["attention_mask"]
+        )
         return self.itc(**out), out
 
     def training_step(self, batch: dict[str, dict[str, Any]], batch_idx: int) -> torch.Tensor:
@@ -72,7 +74,9 @@ class PretrainModule(L.LightningModule):
             self.log(f"{prefix}/dropped", stats["dropped"].float())
             self.log(f"{prefix}/aux", self.model.text.layers[layer].mlp.aux_loss.detach())
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+    def validation_step(
+        self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         loss, out = self._itc(batch)
         m = batch["modality"]
         self.log(f"val/itc_{m}", loss, batch_size=len(batch["caption"]), add_dataloader_idx=False)
@@ -87,7 +91,9 @@ class PretrainModule(L.LightningModule):
             media, text, keys = (self._gather(store[k]) for k in ("media", "text", "key"))
             # media -> caption retrieval over the unique captions of the split
             uniq, first = _unique_first(keys)
-            metrics = retrieval_metrics(media @ text[first].T, keys.tolist(), uniq.tolist(), ks=(1, 5))
+            metrics = retrieval_metrics(
+                media @ text[first].T, keys.tolist(), uniq.tolist(), ks=(1, 5)
+            )
             self.log(f"val/{m}2text_R@1", metrics["R@1"], rank_zero_only=True)
             self.log(f"val/{m}2text_R@5", metrics["R@5"], rank_zero_only=True)
             losses.append(self.trainer.callback_metrics[f"val/itc_{m}"])
@@ -103,7 +109,10 @@ class PretrainModule(L.LightningModule):
             if p.requires_grad:
                 (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
         opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+            [
+                {"params": decay, "weight_decay": o["weight_decay"]},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
             lr=o["lr"],
             betas=tuple(o["betas"]),
             eps=o["eps"],

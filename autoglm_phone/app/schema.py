@@ -9,7 +9,7 @@ model loads, with Hydra's message naming the key. The model schema *is* the libr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
@@ -39,7 +39,7 @@ class DataConfig:
     num_workers: int = 0
     max_text_len: int = 32
     # tokenizer: a local Hugging Face folder, or None to train BPE on the training captions
-    tokenizer_path: Optional[str] = None
+    tokenizer_path: str | None = None
     vocab_size: int = 1024
 
 
@@ -69,8 +69,8 @@ class TrainerConfig:
     precision: str = "32-true"  # "32-true", "bf16-mixed", "16-mixed"
     max_epochs: int = 5
     max_steps: int = -1
-    max_time: Optional[str] = None
-    gradient_clip_val: Optional[float] = 1.0
+    max_time: str | None = None
+    gradient_clip_val: float | None = 1.0
     accumulate_grad_batches: int = 1
     log_every_n_steps: int = 10
     check_val_every_n_epoch: int = 1
@@ -88,7 +88,7 @@ class LoggerConfig:
     name: str = "wandb"  # wandb | csv | tensorboard | none
     project: str = "autoglm-phone"
     offline: bool = True  # wandb: no account needed; set false after `wandb login`
-    entity: Optional[str] = None
+    entity: str | None = None
     tags: list[str] = field(default_factory=list)
 
 
@@ -121,18 +121,18 @@ class TrainConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     task_name: str = "train"
     seed: int = 42
-    ckpt_path: Optional[str] = None  # resume from this checkpoint ("last": the run's last.ckpt)
+    ckpt_path: str | None = None  # resume from this checkpoint ("last": the run's last.ckpt)
 
 
 @dataclass
 class EvalConfig:
     data: DataConfig = field(default_factory=DataConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
-    ckpt_path: Optional[str] = None
+    ckpt_path: str | None = None
     split: str = "test"
     task_name: str = "eval"
     seed: int = 42
-    output_json: Optional[str] = None  # default: <output_dir>/metrics.json
+    output_json: str | None = None  # default: <output_dir>/metrics.json
 
 
 def _schema(cls: type) -> Any:

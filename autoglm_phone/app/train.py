@@ -101,7 +101,9 @@ def build(cfg: DictConfig) -> Built:
     if model_cfg.text.vocab_size == 0:
         model_cfg.text.vocab_size = len(tok)
     elif model_cfg.text.vocab_size < len(tok):
-        raise ValueError(f"model.text.vocab_size={model_cfg.text.vocab_size} < tokenizer size {len(tok)}")
+        raise ValueError(
+            f"model.text.vocab_size={model_cfg.text.vocab_size} < tokenizer size {len(tok)}"
+        )
     model_cfg.text.pad_token_id = tok.pad_token_id
 
     module = PretrainModule(
@@ -111,14 +113,18 @@ def build(cfg: DictConfig) -> Built:
         data=OmegaConf.to_container(cfg.data, resolve=True),
         tokenizer_files=tokenizer_files(tok, out / "tokenizer"),
     )
-    logger = build_logger(OmegaConf.to_object(cfg.logger), out, run_name=f"{cfg.task_name}-{out.name}")
+    logger = build_logger(
+        OmegaConf.to_object(cfg.logger), out, run_name=f"{cfg.task_name}-{out.name}"
+    )
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer_cfg: TrainerConfig = OmegaConf.to_object(cfg.trainer)
     trainer = L.Trainer(
         **{k: v for k, v in vars(trainer_cfg).items() if v is not None},
         logger=logger,
-        callbacks=build_callbacks(OmegaConf.to_object(cfg.callbacks), out / "checkpoints", bool(logger)),
+        callbacks=build_callbacks(
+            OmegaConf.to_object(cfg.callbacks), out / "checkpoints", bool(logger)
+        ),
         default_root_dir=str(out),
     )
     return Built(dm, module, trainer, out)
@@ -128,7 +134,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Build data, tokenizer, model and trainer from ``cfg``; fit; return paths and metrics."""
     b = build(cfg)
     ckpt_dir = b.output_dir / "checkpoints"
-    b.trainer.fit(b.module, datamodule=b.datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, ckpt_dir))
+    b.trainer.fit(
+        b.module, datamodule=b.datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, ckpt_dir)
+    )
     last = ckpt_dir / "last.ckpt"
     if not last.exists():  # fast_dev_run disables ModelCheckpoint; still leave a checkpoint
         b.trainer.save_checkpoint(str(last))

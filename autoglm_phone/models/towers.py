@@ -49,12 +49,18 @@ class VisionTower(nn.Module):
         if cfg.depth is not None:
             kwargs["depth"] = cfg.depth
         if cfg.pretrained_path:
-            kwargs["pretrained_cfg_overlay"] = dict(file=cfg.pretrained_path, hf_hub_id=None, url=None)
+            kwargs["pretrained_cfg_overlay"] = dict(
+                file=cfg.pretrained_path, hf_hub_id=None, url=None
+            )
         self.vit = timm.create_model(cfg.name, pretrained=bool(cfg.pretrained_path), **kwargs)
         self.embed_dim = self.vit.embed_dim
         data_cfg = timm.data.resolve_data_config({}, model=self.vit)
-        self.register_buffer("mean", torch.tensor(data_cfg["mean"]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(data_cfg["std"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "mean", torch.tensor(data_cfg["mean"]).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "std", torch.tensor(data_cfg["std"]).view(1, 3, 1, 1), persistent=False
+        )
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Images ``(B, 3, H, W)`` in [0, 1] (float) or uint8 -> all tokens ``(B, 1 + N, D)``."""
