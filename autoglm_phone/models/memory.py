@@ -29,6 +29,7 @@ the write queries at the position just after the segment. See docs/MEMORY.md.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +55,23 @@ class MemoryState:
 
 
 class MemoryAttention(Attention):
-    """GLM-4 attention that also reads from and writes to a set of memory slots."""
+    """GLM-4 attention that also reads from and writes to a set of memory slots.
+
+    Two learned per-head logit biases make the memory path learnable (docs/MEMORY.md):
+
+    - ``memory_read_bias`` ``(H,)`` is added to every memory key when tokens read, so a token puts
+      most of its attention on the slots instead of sharing it with ``T`` local keys (without it
+      the recall benchmark stays at chance);
+    - ``memory_write_bias`` ``(H,)`` is added, when slot ``s`` writes, to the tokens of the
+      ``s``-th of ``S`` equal chunks of the segment, so each slot starts as an attention-pooled
+      summary of its own ``T / S`` tokens (the Compressive Transformer's compression, Rae et al.
+      2020) rather than all slots starting as the same average of the whole segment.
+    """
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__(cfg)
+        self.memory_read_bias = nn.Parameter(torch.zeros(cfg.num_heads))
+        self.memory_write_bias = nn.Parameter(torch.zeros(cfg.num_heads))
 
     def _heads(self, proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return rearrange(proj(x), "b t (h d) -> b h t d", d=self.head_dim)
@@ -79,8 +96,12 @@ class MemoryAttention(Attention):
         if read or write:  # memory slots: keys/values at position 0, i.e. unrotated
             mem_k = torch.cat((self._heads(self.k_proj, mem), k), dim=2)  # (B, H_kv, S + T, D)
             mem_v = torch.cat((self._heads(self.v_proj, mem), v), dim=2)  # (B, H_kv, S + T, D)
-        if read:
-            mask = torch.cat((causal.new_ones(t, s), causal), dim=1)  # (T, S + T)
+        if read:  # every token sees all slots (+ memory_bias) and its causal past
+            local = torch.zeros(t, t, dtype=q.dtype, device=x.device).masked_fill(
+                ~causal, -torch.inf
+            )
+            bias = rearrange(self.memory_read_bias.to(q.dtype), "h -> h 1 1").expand(-1, t, s)
+            mask = torch.cat((bias, local.expand(self.num_heads, t, t)), dim=-1)  # (H, T, S + T)
             out = F.scaled_dot_product_attention(q, mem_k, mem_v, attn_mask=mask, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, enable_gqa=gqa)
@@ -89,7 +110,14 @@ class MemoryAttention(Attention):
             return out, None
         # write: slots query the memory and the whole (finished) segment from just after it
         slot_q = rotate(self._heads(self.q_proj, mem), *write_rope)  # (B, H, S, D)
-        update = F.scaled_dot_product_attention(slot_q, mem_k, mem_v, enable_gqa=gqa)
+        chunk = torch.arange(t, device=x.device) * s // t  # (T,) the slot each token starts in
+        own = chunk[None, :] == torch.arange(s, device=x.device)[:, None]  # (S, T)
+        own = torch.cat((own.new_zeros(s, s), own), dim=1)  # (S, S + T), slots unbiased
+        bias = rearrange(self.memory_write_bias.to(q.dtype), "h -> h 1 1")
+        write_mask = own * bias  # (H, S, S + T)
+        update = F.scaled_dot_product_attention(
+            slot_q, mem_k, mem_v, attn_mask=write_mask, enable_gqa=gqa
+        )
         return out, self.o_proj(rearrange(update, "b h s d -> b s (h d)"))  # (B, S, C)
 
 
@@ -102,12 +130,19 @@ class MemoryBlock(Block):
         c, s = cfg.hidden_size, cfg.memory.num_slots
         self.memory_init = nn.Parameter(torch.randn(s, c))  # distinct slots, so distinct queries
         self.memory_gate = nn.Linear(2 * c, c)
-        self.gate_bias = getattr(cfg.memory, "gate_bias", 1.0)  # sigmoid(1) = 0.73 kept per write
+        self.gate_bias_init = getattr(cfg.memory, "gate_bias", 1.0)  # keep sigmoid(1) = 73%
+        # mid-segment, the slots then get 2e^2 / (2e^2 + 1) = 94% of a token's attention at init
+        default_read = math.log(cfg.memory.segment_len / s) + 2.0
+        self.read_bias_init = getattr(cfg.memory, "read_bias", default_read)
+        # a slot's own chunk then gets e^2 / (e^2 + 1 + S / T) = 88% of its write attention
+        self.write_bias_init = getattr(cfg.memory, "write_bias", math.log(s) + 2.0)
 
     def reset_memory_parameters(self) -> None:
-        nn.init.normal_(self.memory_init)
+        nn.init.normal_(self.memory_init, std=0.02)
         nn.init.normal_(self.memory_gate.weight, std=0.02)
-        nn.init.constant_(self.memory_gate.bias, self.gate_bias)
+        nn.init.constant_(self.memory_gate.bias, self.gate_bias_init)
+        nn.init.constant_(self.self_attn.memory_read_bias, self.read_bias_init)
+        nn.init.constant_(self.self_attn.memory_write_bias, self.write_bias_init)
 
     def forward_memory(
         self,
