@@ -6,24 +6,27 @@ the Block-Recurrent Transformer (Hutchins et al. 2022, https://arxiv.org/abs/220
 Memformer (Wu et al. 2022, https://arxiv.org/abs/2010.06891):
 
 - **read**: a segment's tokens attend, in one softmax, to the layer's memory slots (extra keys and
-  values, as Transformer-XL's cached segment, Dai et al. 2019) and causally to their own segment.
-  The memory holds only what earlier segments wrote, so the read is causal-safe; an empty memory
-  (before the first write) is not read at all, which makes one segment exactly a ``GLMDecoder``.
-- **write**: after the segment, each slot queries the memory and the whole segment (cross-attention,
-  BRT's "vertical" direction) and is mixed with its old value by a learned, per-channel sigmoid
-  gate (BRT's LSTM-style forget gate, biased towards keeping)::
+  values, as Transformer-XL's cached segment, Dai et al. 2019; plus a learned per-head logit bias)
+  and causally to their own segment. The memory holds only what earlier segments wrote, so the
+  read is causal-safe; an empty memory (before the first write) is not read at all, which makes
+  one segment exactly a ``GLMDecoder``.
+- **write**: after the segment, each slot queries the memory and the whole segment (BRT's
+  "vertical" cross-attention; a learned bias first points slot ``s`` at the ``s``-th chunk of the
+  segment) and is mixed with its old value by a learned, per-channel sigmoid gate (BRT's
+  LSTM-style forget gate, biased towards keeping)::
 
       u  = PostNorm(O · Attn(Q·N(M), K·[N(M); N(X)], V·[N(M); N(X)]))
       f  = sigmoid(W_f [N(M); u] + b_f)
       M' = f * M + (1 - f) * u
 
 Reading and writing reuse the layer's own q/k/v/o projections and norms, so the weights stay
-GLM-4-shaped: a trained ``GLMDecoder`` loads with ``from_decoder`` and only ``memory_init`` and
-``memory_gate`` are new. Gradients flow through at most ``bptt_segments`` segments (the memory is
-detached every ``bptt_segments`` segments: truncated BPTT as in Transformer-XL and the Recurrent
-Memory Transformer, Bulatov et al. 2022). Rotary positions restart at 0 in every segment (as each
-RMT segment is its own forward), so any sequence length works; memory keys sit at position 0 and
-the write queries at the position just after the segment. See docs/MEMORY.md.
+GLM-4-shaped: a trained ``GLMDecoder`` loads with ``from_decoder``; only ``memory_init``,
+``memory_gate`` and the two per-head biases are new. Gradients flow through at most
+``bptt_segments`` segments (the memory is detached every ``bptt_segments`` segments: truncated
+BPTT as in Transformer-XL and the Recurrent Memory Transformer, Bulatov et al. 2022). Rotary
+positions restart at 0 in every segment (as each RMT segment is its own forward), so any sequence
+length works; memory keys sit at position 0 and the write queries just after the segment.
+See docs/MEMORY.md.
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ class MemoryAttention(Attention):
         if read or write:  # memory slots: keys/values at position 0, i.e. unrotated
             mem_k = torch.cat((self._heads(self.k_proj, mem), k), dim=2)  # (B, H_kv, S + T, D)
             mem_v = torch.cat((self._heads(self.v_proj, mem), v), dim=2)  # (B, H_kv, S + T, D)
-        if read:  # every token sees all slots (+ memory_bias) and its causal past
+        if read:  # every token sees all slots (+ memory_read_bias) and its causal past
             local = torch.zeros(t, t, dtype=q.dtype, device=x.device).masked_fill(
                 ~causal, -torch.inf
             )
@@ -128,7 +131,7 @@ class MemoryBlock(Block):
         super().__init__(cfg, layer_idx)
         self.self_attn = MemoryAttention(cfg)  # same parameter names and shapes as Attention
         c, s = cfg.hidden_size, cfg.memory.num_slots
-        self.memory_init = nn.Parameter(torch.randn(s, c))  # distinct slots, so distinct queries
+        self.memory_init = nn.Parameter(torch.empty(s, c))  # distinct slots, distinct queries
         self.memory_gate = nn.Linear(2 * c, c)
         self.gate_bias_init = getattr(cfg.memory, "gate_bias", 1.0)  # keep sigmoid(1) = 73%
         # mid-segment, the slots then get 2e^2 / (2e^2 + 1) = 94% of a token's attention at init
@@ -138,6 +141,7 @@ class MemoryBlock(Block):
         self.write_bias_init = getattr(cfg.memory, "write_bias", math.log(s) + 2.0)
 
     def reset_memory_parameters(self) -> None:
+        # small: the read normalises the memory, so the first write then dominates a slot
         nn.init.normal_(self.memory_init, std=0.02)
         nn.init.normal_(self.memory_gate.weight, std=0.02)
         nn.init.constant_(self.memory_gate.bias, self.gate_bias_init)
