@@ -90,6 +90,12 @@ class MemoryConfig:
     segment_len: int = 512
     num_slots: int = 32  # memory slots carried from segment to segment
     bptt_segments: int = 2  # gradients flow back through this many segments
+    # recompute each segment in backward: memory bounded by one segment's activations
+    checkpoint_segments: bool = False
+    # initial biases (None: the defaults in models/memory.py, from segment_len and num_slots)
+    gate_bias: Optional[float] = None  # keep-gate logit of the memory write
+    read_bias: Optional[float] = None  # logit added to memory keys when a segment reads them
+    write_bias: Optional[float] = None  # logit added to a slot's own chunk when it writes
 
 
 @dataclass

@@ -87,18 +87,17 @@ def build_models(task: RecallTask, args: argparse.Namespace) -> dict[str, nn.Mod
         segment_len=task.segment_len,
         num_slots=args.slots,
         bptt_segments=args.bptt or math.ceil(task.seq_len / task.segment_len),
+        read_bias=args.read_bias,
+        write_bias=args.write_bias,
+        gate_bias=args.gate_bias,
     )
-    # not (yet) MemoryConfig fields: the model reads them with getattr and a default
-    for name in ("read_bias", "write_bias", "gate_bias"):
-        if getattr(args, name) is not None:
-            setattr(mem, name, getattr(args, name))
     cfg = DecoderConfig(
         vocab_size=task.vocab_size,
         hidden_size=args.hidden,
         num_layers=args.layers,
         num_heads=args.heads,
         num_kv_heads=args.heads // 2,
-        max_seq_len=task.seq_len,
+        max_seq_len=max([task.seq_len, *args.eval_lens]),
         memory=mem,
     )
     models = {}
@@ -229,13 +228,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--models", default="memory,no_memory,full")
+    p.add_argument(
+        "--eval-lens",
+        default="",
+        help="comma-separated longer lengths to evaluate the trained models at, e.g. 4096,8192",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on 2 cores)")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench")
+    p.add_argument("--name", default=None, help="file stem of the JSON/PNG written to --out")
     args = p.parse_args(argv)
     args.seq_len = args.seq_len or (512 if args.quick else 1024)
     args.steps = args.steps or 800
     args.eval_every = args.eval_every or max(1, args.steps // 10)
+    args.eval_lens = [int(n) for n in args.eval_lens.split(",") if n]
     return args
 
 
@@ -249,6 +255,14 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     results = {}
     for name in args.models.split(","):
         results[name] = train(name, models[name], task, args)
+    # length generalisation: the trained models on longer sequences than they were trained on
+    for length in args.eval_lens:
+        gen = torch.Generator().manual_seed(args.seed + 3)
+        data = [task.batch(args.batch, gen, length) for _ in range(args.eval_batches)]
+        for name, res in results.items():
+            res.setdefault("eval_lengths", {})[str(length)] = evaluate(models[name], data)
+            acc = res["eval_lengths"][str(length)]["accuracy"]
+            print(f"{name:>9} at {length} tokens: acc {acc:.3f}", flush=True)
     chance = 1 / task.values
     print(
         f"\n{task.seq_len} tokens, segments of {task.segment_len}, {task.pairs} pairs, "
@@ -263,6 +277,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             f"{res['final_loss']:.3f} | {res['train_seconds']:.0f} | "
             f"{res['train_cpu_seconds']:.0f} |"
         )
+    if args.eval_lens:
+        lens = [str(n) for n in args.eval_lens]
+        print(f"\nrecall when evaluated at longer sequences (trained at {task.seq_len})\n")
+        print("| model | " + " | ".join(lens) + " |\n|---|" + "---|" * len(lens))
+        for name, res in results.items():
+            accs = (f"{res['eval_lengths'][n]['accuracy']:.3f}" for n in lens)
+            print(f"| {name} | " + " | ".join(accs) + " |")
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
         "task": asdict(task),
@@ -270,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "chance": chance,
         "results": results,
     }
-    stem = "long_recall_quick" if args.quick else "long_recall"
+    stem = args.name or ("long_recall_quick" if args.quick else "long_recall")
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     title = f"recall after {task.seq_len} tokens ({task.seq_len // task.segment_len} segments)"
     plot(results, chance, args.out / f"{stem}.png", title)

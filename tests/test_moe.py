@@ -198,8 +198,13 @@ def test_top1_renormalised_gate_gives_router_no_task_gradient():
     x = torch.randn(2, 12, C)
     grads = {}
     for renormalize in (True, False):
-        cfg = MoEConfig(num_experts=4, top_k=1, capacity_factor=0.0, balance_loss_weight=0.0)
-        cfg.renormalize_gates = renormalize  # proposed MoEConfig field, read with getattr
+        cfg = MoEConfig(
+            num_experts=4,
+            top_k=1,
+            capacity_factor=0.0,
+            balance_loss_weight=0.0,
+            renormalize_gates=renormalize,
+        )
         torch.manual_seed(0)
         layer = MoEFeedForward(C, FF, cfg)
         layer(x).square().sum().backward()

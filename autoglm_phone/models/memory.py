@@ -133,12 +133,13 @@ class MemoryBlock(Block):
         c, s = cfg.hidden_size, cfg.memory.num_slots
         self.memory_init = nn.Parameter(torch.empty(s, c))  # distinct slots, distinct queries
         self.memory_gate = nn.Linear(2 * c, c)
-        self.gate_bias_init = getattr(cfg.memory, "gate_bias", 1.0)  # keep sigmoid(1) = 73%
+        m = cfg.memory
+        self.gate_bias_init = 1.0 if m.gate_bias is None else m.gate_bias  # keep sigmoid(1): 73%
         # mid-segment, the slots then get 2e^2 / (2e^2 + 1) = 94% of a token's attention at init
         default_read = math.log(cfg.memory.segment_len / s) + 2.0
-        self.read_bias_init = getattr(cfg.memory, "read_bias", default_read)
+        self.read_bias_init = default_read if m.read_bias is None else m.read_bias
         # a slot's own chunk then gets e^2 / (e^2 + 1 + S / T) = 88% of its write attention
-        self.write_bias_init = getattr(cfg.memory, "write_bias", math.log(s) + 2.0)
+        self.write_bias_init = math.log(s) + 2.0 if m.write_bias is None else m.write_bias
 
     def reset_memory_parameters(self) -> None:
         # small: the read normalises the memory, so the first write then dominates a slot
@@ -191,7 +192,7 @@ class MemoryGLMDecoder(nn.Module):
             layer.reset_memory_parameters()
         # recompute each segment in backward: a grad-enabled forward then keeps only the segment
         # inputs and logits, not every segment's activations (gradients are unchanged)
-        self.checkpoint_segments = getattr(cfg.memory, "checkpoint_segments", False)
+        self.checkpoint_segments = cfg.memory.checkpoint_segments
 
     @classmethod
     def from_decoder(
