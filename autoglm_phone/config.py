@@ -192,6 +192,8 @@ class SpecialTokens:
     begin_of_audio: Optional[int] = None
     end_of_audio: Optional[int] = None
     eos: Optional[int] = None  # the tokenizer's eos: ``AutoGLMModel.generate``'s default stop
+    mask: Optional[int] = None  # ``[MASK]``, what MLM puts on 80% of its targets
+    specials: list[int] = field(default_factory=list)  # every special id: never an MLM target
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any) -> SpecialTokens:
@@ -202,7 +204,12 @@ class SpecialTokens:
             if idx is None or idx == tokenizer.unk_token_id:
                 raise ValueError(f"tokenizer has no {token!r} token (needed for {name})")
             ids[name] = idx
-        return cls(**ids, eos=tokenizer.eos_token_id)
+        return cls(
+            **ids,
+            eos=tokenizer.eos_token_id,
+            mask=tokenizer.mask_token_id,
+            specials=sorted(tokenizer.all_special_ids),
+        )
 
 
 # String shorthands for the towers and the decoder (``MultiModalConfig(vision_encoder=...)``).

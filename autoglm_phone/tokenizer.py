@@ -105,3 +105,11 @@ def cached_tokenizer(
     if (folder / "tokenizer.json").exists():
         return load_tokenizer(folder)
     return train_tokenizer(texts, folder, vocab_size)
+
+
+def tokenizer_from_files(files: dict[str, str]) -> PreTrainedTokenizerBase:
+    """A tokenizer from its saved folder's files as text (as training checkpoints store them)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, text in files.items():
+            (Path(tmp) / name).write_text(text, encoding="utf-8")
+        return load_tokenizer(tmp)

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from autoglm_phone.app.schema import DataConfig
+from autoglm_phone.data.instructions import instructions_for, tokenize_chat
 from autoglm_phone.data.synthetic import SyntheticDataset, SyntheticSpec, build_synthetic
 from autoglm_phone.tokenizer import cached_tokenizer, load_tokenizer
 
@@ -45,11 +46,25 @@ class ModalityView(Dataset):
 
 
 class Collate:
-    """Stack one modality's media and tokenize its captions."""
+    """Stack one modality's media and tokenize its captions.
 
-    def __init__(self, modality: str, tokenizer, max_text_len: int, image_size: int) -> None:
+    With ``max_chat_len`` set, each item also gets one instruction pair in the chat format
+    (``chat_input_ids``, ``chat_attention_mask``, ``chat_loss_mask``, ``prompt``, ``response``):
+    item ``i`` asks question ``i mod n`` of its n questions, so every question is asked equally
+    often and a resumed run sees the same pairs (no random state).
+    """
+
+    def __init__(
+        self,
+        modality: str,
+        tokenizer,
+        max_text_len: int,
+        image_size: int,
+        max_chat_len: int | None = None,
+    ) -> None:
         self.modality, self.tokenizer = modality, tokenizer
         self.max_text_len, self.image_size = max_text_len, image_size
+        self.max_chat_len = max_chat_len
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         captions = [it["caption"] for it in items]
@@ -67,6 +82,15 @@ class Collate:
             "caption": captions,
             "caption_id": torch.tensor([caption_id(c) for c in captions]),
         }
+        if self.max_chat_len:
+            pairs = [instructions_for(self.modality, it) for it in items]
+            chosen = [p[int(it["index"]) % len(p)] for p, it in zip(pairs, items, strict=True)]
+            prompts, responses = [list(x) for x in zip(*chosen, strict=True)]
+            chat = tokenize_chat(
+                self.tokenizer, prompts, responses, (self.modality,), self.max_chat_len
+            )
+            batch.update({f"chat_{k}": v for k, v in chat.items()})
+            batch.update(prompt=prompts, response=responses)
         if self.modality == "image":
             media = torch.stack([it["image"] for it in items])  # (B, 3, H, W) uint8
             if media.shape[-1] != self.image_size or media.shape[-2] != self.image_size:
@@ -161,7 +185,13 @@ class MultiModalDataModule(L.LightningDataModule):
             drop_last=shuffle,
             num_workers=self.cfg.num_workers,
             persistent_workers=self.cfg.num_workers > 0,
-            collate_fn=Collate(modality, self.tokenizer, self.cfg.max_text_len, self.image_size),
+            collate_fn=Collate(
+                modality,
+                self.tokenizer,
+                self.cfg.max_text_len,
+                self.image_size,
+                self.cfg.max_chat_len if self.cfg.instructions else None,
+            ),
         )
 
     def train_dataloader(self) -> CombinedLoader:

@@ -9,7 +9,6 @@ media; an answer is correct when its caption text equals the query's.
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,30 +17,24 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from autoglm_phone.app.datamodule import MultiModalDataModule
+from autoglm_phone.app.eval_tasks import fused_report, tasks_for
+from autoglm_phone.app.module import build_model, read_model_state
 from autoglm_phone.app.schema import DataConfig
-from autoglm_phone.config import MultiModalConfig
 from autoglm_phone.metrics import KS, chance_metrics, retrieval_metrics
 from autoglm_phone.models.autoglm import AutoGLMModel
-from autoglm_phone.tokenizer import load_tokenizer
+from autoglm_phone.models.lora import lora_layers, merge_lora
+from autoglm_phone.tokenizer import tokenizer_from_files
 
 
 def load_checkpoint(path: str | Path) -> tuple[AutoGLMModel, Any, dict[str, Any]]:
-    """Model (eval mode), tokenizer and hyper-parameters from a training checkpoint."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    hp = ckpt["hyper_parameters"]
-    model = AutoGLMModel(MultiModalConfig.from_dict(hp["model"]))
-    state = {
-        k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")
-    }
+    """Model (eval mode, LoRA adapters merged in), tokenizer and hyper-parameters from a
+    training checkpoint."""
+    state, hp = read_model_state(path)
+    model = build_model(hp)
     model.load_state_dict(state)
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, text in hp["tokenizer_files"].items():
-            (Path(tmp) / name).write_text(text, encoding="utf-8")
-        tokenizer = load_tokenizer(tmp)
-    return model.eval(), tokenizer, hp
+    if lora_layers(model):
+        merge_lora(model, unload=True)
+    return model.eval(), tokenizer_from_files(hp["tokenizer_files"]), hp
 
 
 @torch.no_grad()
@@ -94,6 +87,17 @@ def format_table(report: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def format_fused(fused: dict[str, dict[str, Any]]) -> str:
+    """One line per fused evaluation: its numbers as ``name value`` pairs."""
+    lines = []
+    for name, metrics in fused.items():
+        cells = [f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float)]
+        lines.append(f"{name:<28}" + "  ".join(cells))
+        for example in metrics.get("examples", [])[:3]:
+            lines.append(f"{'':<28}{example['generated']!r} (reference {example['reference']!r})")
+    return "\n".join(lines) + "\n"
+
+
 def plot_report(report: dict[str, dict[str, float]], path: Path) -> None:
     """Grouped bars of Recall@k per direction, with the chance level drawn as a dark cap."""
     import matplotlib
@@ -139,9 +143,20 @@ def run(cfg: DictConfig, data_overrides: list[str] | None = None) -> dict[str, A
         report.update(retrieval_report(embed_split(model, loader, f"embed {modality}"), modality))
     print(f"\nretrieval on the {cfg.split} split ({cfg.ckpt_path})\n{format_table(report)}\n")
 
+    tasks = tasks_for(hp["objective"]) if cfg.tasks is None else list(cfg.tasks)
+    fused: dict[str, dict[str, Any]] = {}
+    if tasks:
+        for modality, loader in zip(data_cfg.modalities, loaders, strict=True):
+            fused.update(
+                fused_report(model, tokenizer, loader, modality, tasks, cfg.rerank_k, cfg.seed)
+            )
+        print(format_fused(fused))
+
     out_json = Path(cfg.output_json or Path(cfg.paths.output_dir) / "metrics.json")
     out_json.parent.mkdir(parents=True, exist_ok=True)
     result = {"ckpt_path": str(cfg.ckpt_path), "split": cfg.split, "retrieval": report}
+    if fused:
+        result["fused"] = fused
     out_json.write_text(json.dumps(result, indent=2))
     plot_report(report, out_json.with_suffix(".png"))
     print(f"wrote {out_json} and {out_json.with_suffix('.png')}")

@@ -1,22 +1,45 @@
-"""LightningModule for contrastive (ITC) pretraining of image-text and audio-text.
+"""LightningModule for every recipe: ITC, ITM, MLM and prefix-LM objectives, fine-tuning, distillation.
 
-Hyper-parameters are plain dicts (model config, optimiser, objective, data, tokenizer files), so
-checkpoints load with ``torch.load(..., weights_only=True)`` and rebuild without Hydra.
+One module, composed from ``objective`` weights: a weight of 0 switches a loss off, so
+``itc_pretrain`` runs only the contrastive towers and ``caption_sft`` only the prefix LM. Each
+tower runs once per batch; ITM, MLM and the LM reuse its tokens. ``finetune`` freezes modules,
+unfreezes a tower's upper blocks on a schedule, or wraps layers in peft LoRA.
+
+Hyper-parameters are plain dicts (model config, optimiser, objective, fine-tuning, data,
+tokenizer files, paths), so checkpoints load with ``torch.load(..., weights_only=True)`` and
+rebuild without Hydra.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from autoglm_phone.config import MultiModalConfig
-from autoglm_phone.losses import itc_loss
+from autoglm_phone.losses import (
+    align_to_prefix,
+    itc_loss,
+    itm_accuracy,
+    itm_loss,
+    itm_targets,
+    mask_tokens,
+    masked_accuracy,
+    mlm_loss,
+    prefix_lm_loss,
+    sample_hard_negatives,
+)
 from autoglm_phone.metrics import retrieval_metrics
 from autoglm_phone.models.autoglm import AutoGLMModel
+from autoglm_phone.models.lora import apply_lora
+
+LOSSES = ("itc", "itm", "mlm", "lm", "distill")  # objective.<name>_weight (distill.weight)
 
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -27,6 +50,51 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def read_model_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The ``model.*`` weights (prefix removed) and hyper-parameters of a training checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    state = {
+        k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")
+    }
+    return state, ckpt["hyper_parameters"]
+
+
+def build_model(hp: dict[str, Any]) -> AutoGLMModel:
+    """The model a checkpoint's hyper-parameters describe, LoRA layers included (not loaded)."""
+    model = AutoGLMModel(MultiModalConfig.from_dict(hp["model"]))
+    apply_finetune_lora(model, hp.get("finetune"))
+    return model
+
+
+def apply_finetune_lora(model: AutoGLMModel, finetune: dict[str, Any] | None) -> None:
+    """Wrap ``model`` in peft LoRA/DoRA as ``finetune`` asks (nothing if ``lora`` is off)."""
+    ft = finetune or {}
+    if ft.get("lora"):
+        apply_lora(
+            model,
+            targets=tuple(ft["lora_targets"]),
+            r=ft["lora_r"],
+            alpha=ft["lora_alpha"],
+            dropout=ft["lora_dropout"],
+            use_dora=ft["use_dora"],
+            keep_trainable=tuple(ft["lora_keep_trainable"]),
+        )
+
+
+def upper_blocks(tower: nn.Module, n: int) -> list[nn.Module]:
+    """A tower's last ``n`` transformer blocks and its final norm (timm ViT or the audio tower)."""
+    inner = getattr(tower, "vit", tower)
+    blocks = list(inner.blocks)
+    if not 0 < n <= len(blocks):
+        raise ValueError(f"finetune.unfreeze.blocks={n}: the tower has {len(blocks)} blocks")
+    return blocks[-n:] + (
+        [inner.norm] if isinstance(getattr(inner, "norm", None), nn.Module) else []
+    )
+
+
 class PretrainModule(L.LightningModule):
     def __init__(
         self,
@@ -35,32 +103,181 @@ class PretrainModule(L.LightningModule):
         objective: dict[str, Any],
         data: dict[str, Any] | None = None,
         tokenizer_files: dict[str, str] | None = None,
+        finetune: dict[str, Any] | None = None,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = AutoGLMModel(MultiModalConfig.from_dict(model))
+        if init_from:  # weights before LoRA wraps the layers (peft keeps them as base_layer)
+            state, _ = read_model_state(init_from)
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
+            if unexpected:
+                raise ValueError(f"init_from={init_from}: unexpected weights {unexpected[:5]}")
+        apply_finetune_lora(self.model, finetune)
+        self.weights = {name: self._weight(name) for name in LOSSES}
         self.itc = itc_loss()
+        self.teacher: list[AutoGLMModel] = []  # a list: not a submodule, not in the checkpoint
         self._val: dict[str, dict[str, list[torch.Tensor]]] = {}
+        self._apply_freeze(epoch=0)
+
+    def _weight(self, name: str) -> float:
+        o = self.hparams.objective
+        return float(o["distill"]["weight"] if name == "distill" else o.get(f"{name}_weight", 0.0))
 
     def setup(self, stage: str) -> None:
         self.itc = itc_loss(rank=self.global_rank, world_size=self.trainer.world_size)
+        teacher_ckpt = self.hparams.objective["distill"]["teacher_ckpt"]
+        if self.weights["distill"] > 0 and not self.teacher:
+            if not teacher_ckpt:
+                raise ValueError(
+                    "objective.distill.weight > 0 needs objective.distill.teacher_ckpt"
+                )
+            state, hp = read_model_state(teacher_ckpt)
+            teacher = build_model(hp)
+            teacher.load_state_dict(state)
+            if teacher.cfg.vision.img_size != self.model.cfg.vision.img_size:
+                raise ValueError(
+                    f"teacher img_size {teacher.cfg.vision.img_size} != student "
+                    f"{self.model.cfg.vision.img_size}: both must see the same batches"
+                )
+            self.teacher.append(teacher.eval().requires_grad_(False).to(self.device))
+
+    # -- freezing ------------------------------------------------------------------------------
+    def _unfreeze_modules(self) -> list[nn.Module]:
+        u = self.hparams.finetune["unfreeze"] if self.hparams.finetune else None
+        if not u or u["blocks"] <= 0:
+            return []
+        return upper_blocks(getattr(self.model, u["tower"]), u["blocks"])
+
+    def _apply_freeze(self, epoch: int) -> None:
+        """``finetune.freeze`` modules stay frozen; the unfreeze set thaws from its epoch on."""
+        ft = self.hparams.finetune or {}
+        for name in ft.get("freeze", []):
+            module = getattr(self.model, name, None)
+            if not isinstance(module, nn.Module):
+                raise ValueError(f"finetune.freeze: the model has no module {name!r}")
+            module.requires_grad_(False)
+        thaw = bool(self._unfreeze_modules()) and epoch >= ft["unfreeze"]["epoch"]
+        for module in self._unfreeze_modules():
+            module.requires_grad_(thaw)
+
+    def on_train_epoch_start(self) -> None:
+        self._apply_freeze(self.current_epoch)
+
+    # -- objectives ----------------------------------------------------------------------------
+    def _objectives(
+        self, batch: dict[str, Any]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Unweighted losses, metrics and features of one modality's batch."""
+        m, w = self.model, self.weights
+        modality, ids, am = batch["modality"], batch["input_ids"], batch["attention_mask"]
+        fused = w["itm"] > 0 or w["mlm"] > 0 or w["lm"] > 0
+        if fused:  # one tower pass: pooled features and the decoder's media block
+            media, block = m.encode_media_tokens(modality, batch["media"])
+        else:
+            media, block = m.encode_media(modality, batch["media"]), None
+        losses: dict[str, torch.Tensor] = {}
+        metrics: dict[str, torch.Tensor] = {}
+        aux: list[torch.Tensor] = []  # MoE balancing terms, one per decoder pass
+        feats = {"media": media}
+        if w["itc"] > 0 or w["itm"] > 0 or w["distill"] > 0:
+            feats["text"] = m.encode_text(ids, am)
+            aux.append(m.text.aux_loss())
+            scale = m.logit_scale.clamp(max=math.log(100.0)).exp()
+            if w["itc"] > 0:
+                losses["itc"] = self.itc(media, feats["text"], scale)
+            if w["distill"] > 0:
+                losses["distill"] = self._distill(batch, media, feats["text"], scale)
+        if w["itm"] > 0:
+            sim = scale * media @ feats["text"].T  # (B, B) read without gradient by the sampler
+            keys = batch["caption_id"]
+            neg_text, ok_text = sample_hard_negatives(sim, keys, keys)
+            neg_media, ok_media = sample_hard_negatives(sim.T, keys, keys)
+            mi, ti, labels = itm_targets(neg_text, neg_media, ok_text, ok_media)  # (3B,) each
+            hidden, mask = m.fuse(block[mi], ids[ti], am[ti])
+            aux.append(m.text.aux_loss())
+            logits = m.itm_logits(hidden, mask)  # (3B, 2)
+            losses["itm"], metrics["itm_acc"] = (
+                itm_loss(logits, labels),
+                itm_accuracy(logits, labels),
+            )
+        if w["mlm"] > 0:
+            st = m.cfg.special_tokens
+            masked, labels = mask_tokens(
+                ids,
+                mask_token_id=st.mask,
+                vocab_size=m.cfg.text.vocab_size,
+                special_ids=st.specials,
+                attention_mask=am,
+                mask_prob=self.hparams.objective["mlm_prob"],
+            )
+            hidden, _ = m.fuse(block, masked, am)
+            aux.append(m.text.aux_loss())
+            logits = m.text.lm_head(hidden[:, block.shape[1] :])  # (B, T, V) the text positions
+            losses["mlm"], metrics["mlm_acc"] = (
+                mlm_loss(logits, labels),
+                masked_accuracy(logits, labels),
+            )
+        if w["lm"] > 0:
+            if "chat_input_ids" not in batch:
+                raise ValueError("objective.lm_weight > 0 needs data.instructions=true")
+            embeds, mask, _ = m.assemble(
+                [block], batch["chat_input_ids"], batch["chat_attention_mask"]
+            )
+            target, scored, prefix_lengths = align_to_prefix(
+                batch["chat_input_ids"],
+                batch["chat_attention_mask"],
+                batch["chat_loss_mask"],
+                mask,
+                m.cfg.text.pad_token_id,
+            )
+            logits = m.text(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                mode="prefix",
+                prefix_lengths=prefix_lengths,
+            )  # (B, P, V)
+            aux.append(m.text.aux_loss())
+            losses["lm"], metrics["lm_acc"] = prefix_lm_loss(logits, target, scored)
+        losses["moe_aux"] = torch.stack(aux).sum() if aux else media.new_zeros(())
+        return losses, metrics, feats
+
+    def _distill(
+        self, batch: dict[str, Any], media: torch.Tensor, text: torch.Tensor, scale: torch.Tensor
+    ) -> torch.Tensor:
+        """Temperature-scaled KL from the teacher's to the student's in-batch similarity
+        distributions, media->text and text->media (Hinton et al. 2015; scaled by ``T^2``)."""
+        teacher, t = self.teacher[0], self.hparams.objective["distill"]["temperature"]
+        with torch.no_grad():
+            out = teacher(
+                batch["modality"], batch["media"], batch["input_ids"], batch["attention_mask"]
+            )
+            target = out["logit_scale"] * out["image_features"] @ out["text_features"].T  # (B, B)
+        student = scale * media @ text.T  # (B, B)
+        kl = 0.0
+        for s, q in ((student, target), (student.T, target.T)):
+            kl = kl + F.kl_div(
+                F.log_softmax(s / t, dim=-1),
+                F.log_softmax(q / t, dim=-1),
+                log_target=True,
+                reduction="batchmean",
+            )
+        return kl / 2 * t * t
+
+    def _total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(self.weights.get(k, 1.0) * v for k, v in losses.items())  # moe_aux: weight 1
 
     # -- steps ---------------------------------------------------------------------------------
-    def _itc(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out = self.model(
-            batch["modality"], batch["media"], batch["input_ids"], batch["attention_mask"]
-        )
-        return self.itc(**out), out
-
     def training_step(self, batch: dict[str, dict[str, Any]], batch_idx: int) -> torch.Tensor:
-        weight = self.hparams.objective["itc_weight"]
         total = 0.0
         for modality, sub in batch.items():
-            loss, _ = self._itc(sub)
-            aux = self.model.text.aux_loss()  # MoE balancing terms of this forward (0 if dense)
-            self.log(f"train/itc_{modality}", loss, batch_size=len(sub["caption"]))
+            losses, metrics, _ = self._objectives(sub)
+            n = len(sub["caption"])
+            for name, value in {**losses, **metrics}.items():
+                self.log(f"train/{name}_{modality}", value, batch_size=n)
             self._log_moe(modality)
-            total = total + weight * loss + aux
+            total = total + self._total(losses)
         self.log("train/loss", total, prog_bar=True)
         self.log("train/temperature", 1.0 / self.model.logit_scale.exp().detach())
         return total
@@ -77,16 +294,18 @@ class PretrainModule(L.LightningModule):
     def validation_step(
         self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        loss, out = self._itc(batch)
-        m = batch["modality"]
-        self.log(f"val/itc_{m}", loss, batch_size=len(batch["caption"]), add_dataloader_idx=False)
-        store = self._val.setdefault(m, {"media": [], "text": [], "key": []})
-        store["media"].append(out["image_features"])
-        store["text"].append(out["text_features"])
-        store["key"].append(batch["caption_id"])
+        losses, metrics, feats = self._objectives(batch)
+        m, n = batch["modality"], len(batch["caption"])
+        for name, value in {**losses, **metrics}.items():
+            self.log(f"val/{name}_{m}", value, batch_size=n, add_dataloader_idx=False)
+        self.log(f"val/total_{m}", self._total(losses), batch_size=n, add_dataloader_idx=False)
+        if "text" in feats:
+            store = self._val.setdefault(m, {"media": [], "text": [], "key": []})
+            store["media"].append(feats["media"])
+            store["text"].append(feats["text"])
+            store["key"].append(batch["caption_id"])
 
     def on_validation_epoch_end(self) -> None:
-        losses = []
         for m, store in self._val.items():
             media, text, keys = (self._gather(store[k]) for k in ("media", "text", "key"))
             # media -> caption retrieval over the unique captions of the split
@@ -96,22 +315,27 @@ class PretrainModule(L.LightningModule):
             )
             self.log(f"val/{m}2text_R@1", metrics["R@1"], rank_zero_only=True)
             self.log(f"val/{m}2text_R@5", metrics["R@5"], rank_zero_only=True)
-            losses.append(self.trainer.callback_metrics[f"val/itc_{m}"])
-        if losses:
-            self.log("val/loss", torch.stack(losses).sum(), sync_dist=True)
+        totals = [v for k, v in self.trainer.callback_metrics.items() if k.startswith("val/total_")]
+        if totals:
+            self.log("val/loss", torch.stack(totals).sum(), sync_dist=True)
         self._val.clear()
 
     # -- optimisation --------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW; weight decay on matrices only. Parameters unfrozen later get their own groups,
+        whose LR is 0 before their epoch and ``lr_ratio`` times the schedule after it."""
         o = self.hparams.optim
-        decay, no_decay = [], []
+        later = {id(p) for mod in self._unfreeze_modules() for p in mod.parameters()}
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
         for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+            if p.requires_grad or id(p) in later:
+                decay = p.dim() >= 2 and "embed" not in name
+                groups.setdefault((id(p) in later, decay), []).append(p)
+        keys = sorted(groups)
         opt = torch.optim.AdamW(
             [
-                {"params": decay, "weight_decay": o["weight_decay"]},
-                {"params": no_decay, "weight_decay": 0.0},
+                {"params": groups[k], "weight_decay": o["weight_decay"] if k[1] else 0.0}
+                for k in keys
             ],
             lr=o["lr"],
             betas=tuple(o["betas"]),
@@ -119,8 +343,23 @@ class PretrainModule(L.LightningModule):
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = max(1, int(o["warmup_ratio"] * total))
-        sched = LambdaLR(opt, lambda s: warmup_cosine(s, total, warmup, o["min_lr_ratio"]))
+
+        def main(s: int) -> float:
+            return warmup_cosine(s, total, warmup, o["min_lr_ratio"])
+
+        lambdas = [main if not k[0] else self._thawed_schedule(main, total) for k in keys]
+        sched = LambdaLR(opt, lambdas)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _thawed_schedule(self, main, total: int):
+        u = self.hparams.finetune["unfreeze"]
+        epochs = max(1, self.trainer.max_epochs or 1)
+        start = u["epoch"] * total // epochs  # the first step of the unfreeze epoch
+
+        def thawed(s: int) -> float:
+            return u["lr_ratio"] * main(s) if s >= start else 0.0
+
+        return thawed
 
     def _gather(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """Concatenate this rank's parts, then stack every rank's along dim 0."""

@@ -41,6 +41,9 @@ class DataConfig:
     # tokenizer: a local Hugging Face folder, or None to train BPE on the training captions
     tokenizer_path: str | None = None
     vocab_size: int = 1024
+    # instruction batches (chat format, autoglm_phone/data/instructions.py) beside the captions
+    instructions: bool = False
+    max_chat_len: int = 64
 
 
 @dataclass
@@ -54,8 +57,47 @@ class OptimConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation from a trained checkpoint (``teacher_ckpt``) into this model."""
+
+    teacher_ckpt: str | None = None
+    temperature: float = 2.0  # softens both similarity distributions; the KL is scaled by T^2
+    weight: float = 0.0  # loss += weight * KL(teacher || student); 0: no distillation
+
+
+@dataclass
 class ObjectiveConfig:
-    itc_weight: float = 1.0  # per modality: loss = sum_m itc_weight * ITC_m
+    """Per modality: ``loss = sum_k weight_k * loss_k`` (+ the MoE balancing terms)."""
+
+    itc_weight: float = 1.0  # contrastive, open_clip's ClipLoss
+    itm_weight: float = 0.0  # matching with ITC hard negatives (ALBEF)
+    mlm_weight: float = 0.0  # masked caption tokens with the media visible (BERT 80/10/10)
+    mlm_prob: float = 0.15
+    lm_weight: float = 0.0  # prefix LM on instruction responses (needs data.instructions=true)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+@dataclass
+class UnfreezeConfig:
+    """Unfreeze the upper ``blocks`` of ``tower`` at ``epoch`` with ``lr * lr_ratio``."""
+
+    tower: str = "vision"
+    blocks: int = 0  # 0: never unfreeze
+    epoch: int = 1
+    lr_ratio: float = 0.1
+
+
+@dataclass
+class FinetuneConfig:
+    freeze: list[str] = field(default_factory=list)  # top-level modules: vision, audio, text, ...
+    unfreeze: UnfreezeConfig = field(default_factory=UnfreezeConfig)
+    lora: bool = False  # peft LoRA on ``lora_targets``; only the adapters (and keep) train
+    lora_targets: list[str] = field(default_factory=lambda: ["text"])
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    use_dora: bool = False
+    lora_keep_trainable: list[str] = field(default_factory=list)  # e.g. itm_head, text_proj
 
 
 @dataclass
@@ -115,6 +157,7 @@ class TrainConfig:
     model: MultiModalConfig = field(default_factory=MultiModalConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
@@ -122,6 +165,7 @@ class TrainConfig:
     task_name: str = "train"
     seed: int = 42
     ckpt_path: str | None = None  # resume from this checkpoint ("last": the run's last.ckpt)
+    init_from: str | None = None  # start from these weights (a training checkpoint); no resume
 
 
 @dataclass
@@ -133,6 +177,10 @@ class EvalConfig:
     task_name: str = "eval"
     seed: int = 42
     output_json: str | None = None  # default: <output_dir>/metrics.json
+    # fused evaluations (itm, rerank, mlm, perplexity, captioning); None: those the
+    # checkpoint's objective trained for (autoglm_phone/app/eval_tasks.py)
+    tasks: list[str] | None = None
+    rerank_k: int = 16  # ITM re-ranks each query's ITC top-k
 
 
 def _schema(cls: type) -> Any:

@@ -14,9 +14,10 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, Wand
 from omegaconf import DictConfig, OmegaConf
 
 from autoglm_phone.app.datamodule import MultiModalDataModule
-from autoglm_phone.app.module import PretrainModule
+from autoglm_phone.app.module import PretrainModule, read_model_state
 from autoglm_phone.app.schema import CallbacksConfig, LoggerConfig, TrainerConfig
 from autoglm_phone.config import MultiModalConfig
+from autoglm_phone.tokenizer import tokenizer_from_files
 
 LOGGERS = ("wandb", "csv", "tensorboard", "none")
 
@@ -96,15 +97,15 @@ def build(cfg: DictConfig) -> Built:
     dm = MultiModalDataModule(
         OmegaConf.to_object(cfg.data), cfg.paths.cache_dir, image_size=model_cfg.vision.img_size
     )
+    if cfg.objective.lm_weight > 0 and not cfg.data.instructions:
+        raise ValueError("objective.lm_weight > 0 needs data.instructions=true")
+    # weights trained elsewhere come with their tokenizer: the data must use the same one
+    source = cfg.init_from or cfg.objective.distill.teacher_ckpt
+    if source:
+        dm.set_tokenizer(tokenizer_from_files(read_model_state(source)[1]["tokenizer_files"]))
     dm.prepare_data()
     tok = dm.tokenizer
-    if model_cfg.text.vocab_size == 0:
-        model_cfg.text.vocab_size = len(tok)
-    elif model_cfg.text.vocab_size < len(tok):
-        raise ValueError(
-            f"model.text.vocab_size={model_cfg.text.vocab_size} < tokenizer size {len(tok)}"
-        )
-    model_cfg.text.pad_token_id = tok.pad_token_id
+    model_cfg = model_cfg.with_tokenizer(tok)  # vocabulary size, pad id, media and mask ids
 
     module = PretrainModule(
         model=model_cfg.to_dict(),
@@ -112,6 +113,8 @@ def build(cfg: DictConfig) -> Built:
         objective=OmegaConf.to_container(cfg.objective, resolve=True),
         data=OmegaConf.to_container(cfg.data, resolve=True),
         tokenizer_files=tokenizer_files(tok, out / "tokenizer"),
+        finetune=OmegaConf.to_container(cfg.finetune, resolve=True),
+        init_from=cfg.init_from,
     )
     logger = build_logger(
         OmegaConf.to_object(cfg.logger), out, run_name=f"{cfg.task_name}-{out.name}"

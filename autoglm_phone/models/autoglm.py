@@ -67,6 +67,8 @@ class AutoGLMModel(nn.Module):
             self.vision.embed_dim, c, a.rank, a.image_tokens, a.pool, grid=True
         )
         self.audio_adapter = MediaAdapter(self.audio.embed_dim, c, a.rank, a.audio_tokens, a.pool)
+        # ITM: matched / not matched from the fused [media; text] sequence (ALBEF)
+        self.itm_head = nn.Linear(c, 2)
 
     # -- contrastive space ---------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -110,6 +112,45 @@ class AutoGLMModel(nn.Module):
         }
 
     # -- media tokens in the decoder -----------------------------------------------------------
+    def encode_media_tokens(
+        self, modality: str, media: torch.Tensor, sample_rate: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One tower pass for both uses: normalised contrastive features ``(B, E)`` and the
+        decoder's media block ``<begin> tokens <end>`` ``(B, K + 2, C)``."""
+        st = self.cfg.special_tokens
+        if modality == "image":
+            out = self.vision(media)
+            proj, adapter = self.vision_proj, self.vision_adapter
+            marks = (st.begin_of_image, st.end_of_image)
+        elif modality == "audio":
+            out = self.audio(media, sample_rate)
+            proj, adapter = self.audio_proj, self.audio_adapter
+            marks = (st.begin_of_audio, st.end_of_audio)
+        else:
+            raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
+        features = F.normalize(proj(out.pooled), dim=-1)
+        return features, self._media_block(adapter(out.tokens), *marks)
+
+    def fuse(
+        self,
+        media_block: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        mode: AttentionMode | str = AttentionMode.BIDIRECTIONAL,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder over ``[media block; text]``: hidden states ``(B, M + T, C)`` and their
+        mask. Text is right-padded, so the text's positions are ``[M:]`` and the real ones get
+        contiguous positions after the media (what ITM and MLM read)."""
+        embeds = torch.cat([media_block, self.text.embed_tokens(input_ids)], dim=1)
+        ones = torch.ones(media_block.shape[:2], dtype=torch.bool, device=media_block.device)
+        mask = torch.cat([ones, attention_mask.bool()], dim=1)  # (B, M + T)
+        hidden = self.text.forward_features(inputs_embeds=embeds, attention_mask=mask, mode=mode)
+        return hidden, mask
+
+    def itm_logits(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Matched / not-matched logits ``(B, 2)`` from mean-pooled fused hidden states."""
+        return self.itm_head(self.text.forward_head(hidden, mask, "mean"))
+
     def embed_image(self, images: torch.Tensor) -> torch.Tensor:
         """Images ``(B, 3, H, W)`` -> ``adapter.image_tokens`` decoder embeddings ``(B, K, C)``."""
         return self.vision_adapter(self.vision(images).tokens)
@@ -159,6 +200,19 @@ class AutoGLMModel(nn.Module):
                     self.embed_audio(audio, sample_rate), st.begin_of_audio, st.end_of_audio
                 )
             )
+        if not parts and input_ids is None:
+            raise ValueError("build_prefix needs images, audio or input_ids")
+        return self.assemble(parts, input_ids, attention_mask)
+
+    def assemble(
+        self,
+        media_blocks: list[torch.Tensor],
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`build_prefix` from media blocks already embedded (``(B, n, C)`` each, e.g.
+        from :meth:`encode_media_tokens`), so a training step runs each tower once."""
+        parts = list(media_blocks)
         masks = [torch.ones(p.shape[:2], dtype=torch.bool, device=p.device) for p in parts]
         if input_ids is not None:
             parts.append(self.text.embed_tokens(input_ids))  # (B, T, C)
@@ -166,7 +220,7 @@ class AutoGLMModel(nn.Module):
                 attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
             masks.append(attention_mask.bool())
         if not parts:
-            raise ValueError("build_prefix needs images, audio or input_ids")
+            raise ValueError("nothing to assemble: no media blocks and no input_ids")
         sizes = {p.shape[0] for p in parts}
         if len(sizes) > 1:
             raise ValueError(

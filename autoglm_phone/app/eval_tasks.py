@@ -1,0 +1,254 @@
+"""Evaluations that run the decoder over media and text together, for ``eval.py``.
+
+- ``itm``: matched / not-matched accuracy on the split's pairs; each item's negative caption and
+  each caption's negative item are drawn (seeded) from the ITC similarity as in training, so
+  chance is 50% on the balanced accuracy reported beside the plain one.
+- ``rerank``: retrieval where the ITC top-``k`` of every query are re-scored by
+  ``ITM log-odds + ITC logit`` (ALBEF/BLIP re-rank the ITC top-k with the ITM head; BLIP adds the
+  two scores, as here) and placed, in that order, above every other candidate.
+- ``mlm``: masked-token accuracy (seeded BERT masking of 15% of caption tokens, media visible)
+  beside the unigram baseline: always answering the token most frequent among these very
+  targets, the best any context-free guess can do in hindsight.
+- ``perplexity``: of the reference description (the split's caption) given the media and the
+  describe prompt, under the prefix LM: ``exp`` of the mean NLL per response token.
+- ``captioning``: greedy answers to the describe prompt, parsed back into attributes; exact match
+  (every attribute right) and per-attribute accuracy.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from autoglm_phone.data.instructions import QUESTIONS, format_chat, parse_answer, tokenize_chat
+from autoglm_phone.data.synthetic import parse_caption
+from autoglm_phone.losses import (
+    align_to_prefix,
+    itm_targets,
+    mask_tokens,
+    prefix_lm_loss,
+    sample_hard_negatives,
+)
+from autoglm_phone.metrics import chance_metrics, retrieval_metrics
+from autoglm_phone.models.autoglm import AutoGLMModel
+
+FUSED_TASKS = ("itm", "rerank", "mlm", "perplexity", "captioning")
+DESCRIBE = {m: next(q for q, attr in qs if attr is None) for m, qs in QUESTIONS.items()}
+
+
+def tasks_for(objective: dict[str, Any]) -> list[str]:
+    """The fused evaluations a checkpoint was trained for (its objective weights)."""
+    tasks = []
+    if objective.get("itm_weight", 0) > 0:
+        tasks += ["itm", "rerank"]
+    if objective.get("mlm_weight", 0) > 0:
+        tasks.append("mlm")
+    if objective.get("lm_weight", 0) > 0:
+        tasks += ["perplexity", "captioning"]
+    return tasks
+
+
+def _pad_cat(parts: list[torch.Tensor], value: int | bool) -> torch.Tensor:
+    """Concatenate right-padded ``(B_i, T_i)`` batches into ``(sum B_i, max T_i)``."""
+    width = max(p.shape[1] for p in parts)
+    return torch.cat([F.pad(p, (0, width - p.shape[1]), value=value) for p in parts])
+
+
+@torch.no_grad()
+def fused_report(
+    model: AutoGLMModel,
+    tokenizer: Any,
+    loader,
+    modality: str,
+    tasks: list[str],
+    k: int = 16,
+    seed: int = 0,
+    max_new_tokens: int = 32,
+    batch_size: int = 256,
+) -> dict[str, dict[str, float]]:
+    """The ``tasks`` (any of :data:`FUSED_TASKS`) for one modality's loader."""
+    unknown = set(tasks) - set(FUSED_TASKS)
+    if unknown:
+        raise ValueError(f"unknown eval tasks {sorted(unknown)}; available: {FUSED_TASKS}")
+    gen = torch.Generator().manual_seed(seed)
+    hist = torch.zeros(model.cfg.text.vocab_size, dtype=torch.long)  # MLM target histogram
+    sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # name -> [total, count]
+
+    def add(name: str, values: torch.Tensor) -> None:
+        sums[name][0] += values.float().sum().item()
+        sums[name][1] += values.numel()
+
+    def mean(name: str) -> float:
+        total, count = sums[name]
+        return total / count if count else float("nan")
+
+    store: dict[str, list] = defaultdict(list)
+    for batch in tqdm(loader, desc=f"fused eval {modality}", leave=False):
+        ids, am = batch["input_ids"], batch["attention_mask"]
+        media, block = model.encode_media_tokens(modality, batch["media"])
+        text = model.encode_text(ids, am)
+        scale = model.logit_scale.clamp(max=4.6052).exp()
+        if "rerank" in tasks:
+            for key, value in (("media", media), ("text", text), ("block", block), ("ids", ids)):
+                store[key].append(value)
+            store["am"].append(am)
+            store["keys"].append(batch["caption_id"])
+        if "itm" in tasks:
+            keys = batch["caption_id"]
+            sim = scale * media @ text.T
+            neg_text, ok_text = sample_hard_negatives(sim, keys, keys, gen)
+            neg_media, ok_media = sample_hard_negatives(sim.T, keys, keys, gen)
+            mi, ti, labels = itm_targets(neg_text, neg_media, ok_text, ok_media)
+            logits = model.itm_logits(*model.fuse(block[mi], ids[ti], am[ti]))
+            right = logits.argmax(-1) == labels
+            add("itm_pos", right[labels == 1])
+            add("itm_neg", right[labels == 0])
+            add("itm_all", right[labels >= 0])
+        if "mlm" in tasks:
+            st = model.cfg.special_tokens
+            masked, labels = mask_tokens(
+                ids,
+                mask_token_id=st.mask,
+                vocab_size=model.cfg.text.vocab_size,
+                special_ids=st.specials,
+                attention_mask=am,
+                generator=gen,
+            )
+            hidden, _ = model.fuse(block, masked, am)
+            logits = model.text.lm_head(hidden[:, block.shape[1] :])
+            target = labels >= 0
+            add("mlm", (logits.argmax(-1) == labels)[target])
+            hist = hist + torch.bincount(labels[target], minlength=len(hist))
+        if "perplexity" in tasks:
+            prompts = [DESCRIBE[modality]] * len(batch["caption"])
+            chat = tokenize_chat(tokenizer, prompts, batch["caption"], (modality,))
+            embeds, mask, _ = model.assemble([block], chat["input_ids"], chat["attention_mask"])
+            target, scored, plen = align_to_prefix(
+                chat["input_ids"],
+                chat["attention_mask"],
+                chat["loss_mask"],
+                mask,
+                model.cfg.text.pad_token_id,
+            )
+            logits = model.text(
+                inputs_embeds=embeds, attention_mask=mask, mode="prefix", prefix_lengths=plen
+            )
+            nll, _ = prefix_lm_loss(logits, target, scored)
+            n = scored[:, 1:].sum()
+            sums["nll"][0] += (nll * n).item()
+            sums["nll"][1] += n.item()
+        if "captioning" in tasks:
+            prompt = tokenizer([format_chat(DESCRIBE[modality], media=(modality,))])
+            prompt_ids = torch.tensor(prompt["input_ids"]).expand(len(block), -1)
+            embeds, mask, _ = model.assemble([block], prompt_ids)
+            eos = model.cfg.special_tokens.eos
+            out = model.text.generate(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                mode="prefix",
+                max_new_tokens=max_new_tokens,
+                stop_token_ids=(eos,),
+            )
+            for row, caption in zip(out.tolist(), batch["caption"], strict=True):
+                row = row[: row.index(eos)] if eos in row else row
+                store["answers"].append(
+                    (tokenizer.decode(row, skip_special_tokens=True).strip(), caption)
+                )
+
+    report: dict[str, dict[str, float]] = {}
+    if "itm" in tasks:
+        pos, neg = mean("itm_pos"), mean("itm_neg")
+        report[f"{modality} itm"] = {
+            "accuracy": 100 * mean("itm_all"),
+            "balanced_accuracy": 100 * (pos + neg) / 2,
+            "positive_accuracy": 100 * pos,
+            "negative_accuracy": 100 * neg,
+            "chance_balanced": 50.0,
+        }
+    if "mlm" in tasks:
+        report[f"{modality} mlm"] = {
+            "accuracy": 100 * mean("mlm"),
+            "unigram_baseline": 100 * hist.max().item() / max(1, hist.sum().item()),
+            "targets": sums["mlm"][1],
+        }
+    if "perplexity" in tasks:
+        nll = mean("nll")
+        report[f"{modality} perplexity"] = {
+            "perplexity": float(torch.tensor(nll).exp()),
+            "nll": nll,
+            "vocab_size": float(len(tokenizer)),
+        }
+    if "captioning" in tasks:
+        report[f"{modality} captioning"] = captioning_scores(modality, store["answers"])
+    if "rerank" in tasks:
+        report.update(rerank_report(model, store, modality, k, batch_size))
+    return report
+
+
+def captioning_scores(modality: str, answers: list[tuple[str, str]]) -> dict[str, Any]:
+    """Exact match and per-attribute accuracy (%) of generated descriptions vs the captions."""
+    exact, per_attr, unparsable = 0, defaultdict(int), 0
+    for answer, caption in answers:
+        truth = parse_caption(modality, caption)
+        try:
+            stated = parse_answer(modality, DESCRIBE[modality], answer)
+        except ValueError:
+            stated, unparsable = {}, unparsable + 1
+        exact += stated == truth
+        for attr, value in truth.items():
+            per_attr[attr] += stated.get(attr) == value
+    n = max(1, len(answers))
+    return {
+        "exact_match": 100 * exact / n,
+        **{f"{attr}_accuracy": 100 * v / n for attr, v in per_attr.items()},
+        "unparsable": 100 * unparsable / n,
+        "num_items": float(len(answers)),
+        "examples": [{"generated": a, "reference": c} for a, c in answers[:5]],
+    }
+
+
+def rerank_report(
+    model: AutoGLMModel, store: dict[str, list], modality: str, k: int, batch_size: int
+) -> dict[str, dict[str, float]]:
+    """ITC retrieval and ITM-re-ranked retrieval, both directions, over unique captions."""
+    media, text = torch.cat(store["media"]), torch.cat(store["text"])
+    block = torch.cat(store["block"])
+    ids, am = _pad_cat(store["ids"], 0), _pad_cat(store["am"], False)
+    keys = torch.cat(store["keys"]).tolist()
+    first: dict[int, int] = {}
+    for i, key in enumerate(keys):
+        first.setdefault(key, i)
+    gallery_keys, cap = list(first), torch.tensor(list(first.values()))
+    scale = model.logit_scale.clamp(max=4.6052).exp()
+    sim = scale * media @ text[cap].T  # (N, G) ITC logits
+    report = {}
+    for name, s, q_keys, g_keys, pairs in (
+        (f"{modality}->text", sim, keys, gallery_keys, lambda q, g: (q, cap[g])),
+        (f"text->{modality}", sim.T, gallery_keys, keys, lambda q, g: (g, cap[q])),
+    ):
+        kk = min(k, s.shape[1])
+        top = s.topk(kk, dim=1).indices  # (Q, k)
+        q_idx = torch.arange(s.shape[0])[:, None].expand_as(top).reshape(-1)
+        m_idx, t_idx = pairs(q_idx, top.reshape(-1))
+        scores = []
+        for start in range(0, len(m_idx), batch_size):
+            mi, ti = m_idx[start : start + batch_size], t_idx[start : start + batch_size]
+            logits = model.itm_logits(*model.fuse(block[mi], ids[ti], am[ti]))
+            scores.append(logits[:, 1] - logits[:, 0])  # ITM log-odds of "matched"
+        combined = torch.cat(scores).view_as(top) + s.gather(1, top)
+        reranked = (s - 1e4).scatter(1, top, combined)  # the top-k first, in their new order
+        before, after = (
+            retrieval_metrics(s, q_keys, g_keys),
+            retrieval_metrics(reranked, q_keys, g_keys),
+        )
+        chance = chance_metrics(q_keys, g_keys)
+        report[f"{name} itm-rerank@{kk}"] = {
+            **after,
+            **{f"itc_{key}": v for key, v in before.items()},
+            **{f"chance_{key}": v for key, v in chance.items()},
+        }
+    return report
