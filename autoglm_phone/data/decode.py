@@ -1,0 +1,134 @@
+"""Decode one sample's media and caption into the tensors the model takes, or say why not.
+
+- Images of any format and mode PIL opens (JPEG, PNG, WebP, GIF, TIFF, BMP; palette, L, LA, RGBA,
+  CMYK, 16-bit, float) become uint8 RGB ``(3, S, S)``: EXIF orientation applied, alpha composited
+  over white, the shorter side resized to ``S`` and the centre cropped.
+- Audio that libsndfile reads (WAV, FLAC, OGG Vorbis/Opus, MP3 with libsndfile >= 1.1) becomes
+  float32 mono ``(T,)`` at a target rate: channels averaged, resampled with torchaudio's
+  band-limited sinc, then cropped to its start or zero-padded at the end to exactly ``T`` samples,
+  so every clip of a batch has the same rate and length.
+- Captions are NFKC-normalised with whitespace runs collapsed to one space and the ends stripped.
+
+Every failure is a :class:`SampleError` with a ``reason`` from :data:`REASONS` and a message that
+names the file.
+"""
+
+from __future__ import annotations
+
+import io
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Why a sample was skipped; every SampleError carries one of these.
+REASONS = (
+    "malformed_row",  # a row the reader could not parse, or with no media path
+    "empty_caption",  # no text left after normalisation
+    "missing_file",  # the media path does not exist
+    "corrupt_image",  # PIL cannot identify or fully decode it (truncated, garbage, bad mode)
+    "unreadable_audio",  # libsndfile cannot decode it, or it holds non-finite samples
+    "empty_audio",  # decodes to zero samples
+)
+
+Source = str | Path | bytes
+
+
+class SampleError(Exception):
+    """One bad sample: ``reason`` is one of :data:`REASONS`; the message names the file."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        if reason not in REASONS:
+            raise ValueError(f"unknown reason {reason!r}; expected one of {REASONS}")
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+def _name(src: Source, name: str | None) -> str:
+    return name or ("<bytes>" if isinstance(src, bytes) else str(src))
+
+
+def _open(src: Source, name: str | None):
+    if isinstance(src, bytes):
+        return io.BytesIO(src)
+    if not Path(src).is_file():
+        raise SampleError("missing_file", f"{_name(src, name)} does not exist")
+    return src
+
+
+# ---------------------------------------------------------------- captions
+def normalize_caption(text: str) -> str:
+    """NFKC, whitespace (and control characters) collapsed to single spaces, ends stripped."""
+    text = unicodedata.normalize("NFKC", text)
+    text = "".join(" " if unicodedata.category(c)[0] in "CZ" else c for c in text)
+    return " ".join(text.split())
+
+
+# ---------------------------------------------------------------- images
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB. 16/32-bit and float greys are scaled to 8 bits, alpha goes on white."""
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16") or (img.mode == "I" and a.max(initial=0) > 255):
+            a = a / 257.0  # 16-bit range
+        elif img.mode == "F" and a.max(initial=0) <= 1.0:
+            a = a * 255.0  # float image in [0, 1]
+        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(src: Source, size: int, name: str | None = None) -> torch.Tensor:
+    """A file path or encoded bytes to uint8 ``(3, size, size)`` (see the module docstring)."""
+    fp = _open(src, name)
+    try:
+        with Image.open(fp) as img:
+            img.load()  # full decode now: truncated files fail here, not later
+            img = ImageOps.exif_transpose(img)
+            rgb = _to_rgb(img)
+    except SampleError:
+        raise
+    except (
+        OSError,
+        UnidentifiedImageError,
+        ValueError,
+        SyntaxError,
+        Image.DecompressionBombError,
+    ) as e:
+        raise SampleError("corrupt_image", f"{_name(src, name)}: {e}") from e
+    w, h = rgb.size
+    if w == 0 or h == 0:
+        raise SampleError("corrupt_image", f"{_name(src, name)}: empty image {w}x{h}")
+    rgb = ImageOps.fit(rgb, (size, size), Image.Resampling.BICUBIC)  # shorter side, centre crop
+    return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
+
+
+# ---------------------------------------------------------------- audio
+def decode_audio(
+    src: Source, sample_rate: int, num_samples: int, name: str | None = None
+) -> torch.Tensor:
+    """A file path or encoded bytes to float32 mono ``(num_samples,)`` at ``sample_rate``."""
+    fp = _open(src, name)
+    try:
+        data, rate = sf.read(fp, dtype="float32", always_2d=True)  # (T, C)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError) as e:
+        raise SampleError("unreadable_audio", f"{_name(src, name)}: {e}") from e
+    if data.shape[0] == 0:
+        raise SampleError("empty_audio", f"{_name(src, name)} has no samples")
+    if not np.isfinite(data).all():
+        raise SampleError("unreadable_audio", f"{_name(src, name)} holds NaN or inf samples")
+    wave = torch.from_numpy(data.mean(axis=1))  # (T,) mono
+    if rate != sample_rate:
+        wave = AF.resample(wave, int(rate), int(sample_rate))
+    if wave.shape[0] >= num_samples:
+        return wave[:num_samples].contiguous()
+    return torch.nn.functional.pad(wave, (0, num_samples - wave.shape[0]))

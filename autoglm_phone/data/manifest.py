@@ -1,0 +1,103 @@
+"""JSONL or CSV manifests: one (image and/or audio, text) pair per row.
+
+Columns (JSONL keys or CSV header): ``image``, ``audio``, ``text`` (or ``caption``); any may be
+empty on a row, but a row needs some media and a caption to be used. Optional: ``split``
+(train/val/test, when one file holds every split) and ``id`` (an item key; rows sharing it, or
+sharing their media path, are captions of the same item). Relative media paths resolve against
+``image_dir``/``audio_dir`` when given (themselves relative to the manifest) or else against the
+manifest's folder. Rows are named by their 1-based line in the file (the CSV header is line 1).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from autoglm_phone.data.records import (
+    SPLITS,
+    Record,
+    bad_row,
+    make_record,
+    media_base,
+    media_path,
+)
+
+TEXT_KEYS = ("text", "caption")
+
+
+def _rows(path: Path) -> list[tuple[int, dict[str, Any] | str]]:
+    """(line, row dict) per row, or (line, why it is malformed)."""
+    out: list[tuple[int, dict[str, Any] | str]] = []
+    if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    out.append((line_no, f"not JSON ({e.msg})"))
+                    continue
+                out.append((line_no, row if isinstance(row, dict) else "not a JSON object"))
+        return out
+    if path.suffix.lower() not in (".csv", ".tsv"):
+        raise ValueError(f"{path}: a manifest is .jsonl or .csv (or .tsv), not {path.suffix!r}")
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        reader = csv.reader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+        header = [h.strip() for h in next(reader, [])]
+        start = reader.line_num + 1
+        for fields in reader:
+            line_no, start = start, reader.line_num + 1
+            if not any(x.strip() for x in fields):
+                continue
+            if len(fields) != len(header):
+                out.append((line_no, f"{len(fields)} fields, header has {len(header)}"))
+                continue
+            out.append((line_no, dict(zip(header, fields, strict=True))))
+    return out
+
+
+def read_manifest(
+    path: str | Path,
+    split: str | None = None,
+    image_dir: str | None = None,
+    audio_dir: str | None = None,
+) -> list[Record]:
+    """Records of ``split`` from a file with a ``split`` column, or every row when ``split`` is None.
+
+    Rows whose split cannot be read (unparsable, or not train/val/test) are returned with the
+    train split, carrying their error, so training reports them.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest not found: {path}")
+    images, audios = media_base(path, image_dir), media_base(path, audio_dir)
+    rows = _rows(path)
+    if split is not None and not any(isinstance(r, dict) and "split" in r for _, r in rows):
+        raise ValueError(
+            f"{path} has no split column: add one (train/val/test) or give one file per split "
+            "with {split} in the path"
+        )
+    records = []
+    for line_no, row in rows:
+        where = f"line {line_no}"
+        if isinstance(row, str) or (split is not None and row.get("split") not in SPLITS):
+            if split in (None, "train"):
+                why = row if isinstance(row, str) else f"split is {row.get('split')!r}"
+                records.append(bad_row(path.name, where, why))
+            continue
+        if split is not None and row["split"] != split:
+            continue
+        try:
+            image = media_path(row.get("image"), images)
+            audio = media_path(row.get("audio"), audios)
+        except TypeError as e:
+            records.append(bad_row(path.name, where, str(e)))
+            continue
+        text = next((row[k] for k in TEXT_KEYS if row.get(k) not in (None, "")), None)
+        item = row.get("id")
+        item = f"{path.name}#{item}" if item not in (None, "") else None
+        records.append(make_record(path.name, where, text, image, audio, item))
+    return records
