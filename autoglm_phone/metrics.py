@@ -49,7 +49,8 @@ def chance_metrics(
     n = len(gallery_keys)
     out = {}
     for k in ks:
-        p = [1 - comb(n - counts[q], k) / comb(n, k) for q in query_keys]
+        kk = min(k, n)  # a gallery smaller than k is always fully "retrieved"
+        p = [1 - comb(n - counts[q], kk) / comb(n, kk) for q in query_keys]
         out[f"R@{k}"] = 100.0 * sum(p) / len(p)
     # the first of c correct items among n sits at rank ~ (n + 1) / (c + 1) on average
     mid = sorted((n + 1) / (counts[q] + 1) for q in query_keys)

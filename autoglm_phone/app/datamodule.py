@@ -1,8 +1,11 @@
-"""LightningDataModule over the embedded synthetic data: builds it, trains the tokenizer, batches.
+"""LightningDataModule over the embedded synthetic data or a real source (``data.name``): builds
+or reads it, trains the tokenizer, batches.
 
 Training batches are dicts keyed by modality (``{"image": ..., "audio": ...}``, Lightning's
 ``CombinedLoader``); validation/test use one loader per modality. Every modality batch has
-``media``, ``sample_rate``, ``input_ids``, ``attention_mask``, ``caption``, ``caption_id``.
+``media``, ``sample_rate``, ``input_ids``, ``attention_mask``, ``caption``, ``caption_id``,
+``item_id`` (the media's id for the multi-caption protocol; the caption id for synthetic data) and
+``skipped`` (bad samples replaced in this batch, see ``autoglm_phone.data.records``).
 """
 
 from __future__ import annotations
@@ -15,14 +18,17 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, IterableDataset
 
 from autoglm_phone.app.schema import DataConfig
 from autoglm_phone.data.instructions import instructions_for, tokenize_chat
+from autoglm_phone.data.records import collate_skipped
+from autoglm_phone.data.sources import RealData
 from autoglm_phone.data.synthetic import SyntheticDataset, SyntheticSpec, build_synthetic
 from autoglm_phone.tokenizer import cached_tokenizer, load_tokenizer
 
 SPLITS = ("train", "val", "test")
+DATA_NAMES = ("synthetic", "manifest", "coco", "audiocaps", "webdataset")
 
 
 def caption_id(caption: str) -> int:
@@ -81,7 +87,14 @@ class Collate:
             "attention_mask": tok["attention_mask"].bool(),
             "caption": captions,
             "caption_id": torch.tensor([caption_id(c) for c in captions]),
+            "skipped": collate_skipped(items),
         }
+        batch["item_id"] = torch.tensor(
+            [
+                it.get("item_id", i)
+                for it, i in zip(items, batch["caption_id"].tolist(), strict=True)
+            ]
+        )
         if self.max_chat_len:
             pairs = [instructions_for(self.modality, it) for it in items]
             chosen = [p[int(it["index"]) % len(p)] for p, it in zip(pairs, items, strict=True)]
@@ -110,8 +123,10 @@ class MultiModalDataModule(L.LightningDataModule):
         self, cfg: DataConfig, cache_dir: str | Path, image_size: int, progress: bool = True
     ):
         super().__init__()
-        if cfg.name != "synthetic":
-            raise ValueError(f"unknown data.name {cfg.name!r}; available: synthetic")
+        if cfg.name not in DATA_NAMES:
+            raise ValueError(f"unknown data.name {cfg.name!r}; available: {', '.join(DATA_NAMES)}")
+        if cfg.name != "synthetic" and cfg.instructions:
+            raise ValueError("data.instructions needs the synthetic data's attributes")
         unknown = set(cfg.modalities) - {"image", "audio"}
         if unknown or not cfg.modalities:
             raise ValueError(
@@ -137,6 +152,26 @@ class MultiModalDataModule(L.LightningDataModule):
         )
         self._folder: Path | None = None
         self._tokenizer = None
+        self.real: RealData | None = None
+        if cfg.name != "synthetic":
+            self.real = RealData(
+                cfg.name,
+                cfg.path,
+                image_size,
+                cfg.sample_rate,
+                int(round(cfg.sample_rate * cfg.audio_seconds)),
+                cfg.image_dir,
+                cfg.audio_dir,
+                cfg.split_names,
+                cfg.strict,
+                cfg.seed,
+            )
+
+    @property
+    def protocol(self) -> str:
+        """Retrieval protocol: ``caption`` (correct when the caption text equals; synthetic) or
+        ``item`` (correct when it is the query's own media or one of its captions)."""
+        return "caption" if self.real is None else "item"
 
     # -- data and tokenizer, made once --------------------------------------------------------
     @property
@@ -159,6 +194,8 @@ class MultiModalDataModule(L.LightningDataModule):
         self._tokenizer = tokenizer
 
     def training_captions(self) -> list[str]:
+        if self.real is not None:
+            return self.real.training_captions()
         texts: list[str] = []
         for modality in ("image", "audio", "av"):
             texts += [
@@ -167,9 +204,11 @@ class MultiModalDataModule(L.LightningDataModule):
         return texts
 
     def prepare_data(self) -> None:
-        _ = self.folder, self.tokenizer
+        _ = self.tokenizer if self.real is not None else (self.folder, self.tokenizer)
 
     def dataset(self, modality: str, split: str) -> Dataset:
+        if self.real is not None:
+            return self.real.dataset(modality, split, shuffle=split == "train")
         parts: list[Dataset] = [SyntheticDataset(self.folder, modality, split)]
         if self.cfg.use_av and self.spec.split_size("av", split) > 0:
             parts.append(ModalityView(SyntheticDataset(self.folder, "av", split), modality))
@@ -178,10 +217,11 @@ class MultiModalDataModule(L.LightningDataModule):
     # -- loaders -------------------------------------------------------------------------------
     def _loader(self, modality: str, split: str, shuffle: bool) -> DataLoader:
         batch_size = self.cfg.batch_size if split == "train" else self.cfg.eval_batch_size
+        dataset = self.dataset(modality, split)
         return DataLoader(
-            self.dataset(modality, split),
+            dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and not isinstance(dataset, IterableDataset),  # shards shuffle inside
             drop_last=shuffle,
             num_workers=self.cfg.num_workers,
             persistent_workers=self.cfg.num_workers > 0,

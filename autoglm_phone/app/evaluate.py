@@ -2,8 +2,13 @@
 
 The model, tokenizer and data spec all come from the checkpoint (plain values, loaded with
 ``weights_only=True``); ``data.*`` overrides given on the command line are applied on top.
-For each modality m: m->text retrieves among the split's unique captions, text->m among its
-media; an answer is correct when its caption text equals the query's.
+Two protocols, named in the printed table and the JSON (``retrieval_protocol``):
+
+- ``caption`` (synthetic data): m->text retrieves among the split's unique captions, text->m among
+  its media; an answer is correct when its caption text equals the query's.
+- ``item`` (real sources; COCO and AudioCaps/Clotho have several captions per item): each item's
+  media once and every caption once. m->text is correct when any caption of the query's item is
+  retrieved; text->m has each caption's own item as the one positive.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from autoglm_phone.app.datamodule import MultiModalDataModule
 from autoglm_phone.app.eval_tasks import fused_report, tasks_for
 from autoglm_phone.app.module import build_model, read_model_state
 from autoglm_phone.app.schema import DataConfig
+from autoglm_phone.data.records import format_summary, summarize
 from autoglm_phone.metrics import KS, chance_metrics, retrieval_metrics
 from autoglm_phone.models.autoglm import AutoGLMModel
 from autoglm_phone.models.lora import lora_layers, merge_lora
@@ -39,27 +45,61 @@ def load_checkpoint(path: str | Path) -> tuple[AutoGLMModel, Any, dict[str, Any]
 
 @torch.no_grad()
 def embed_split(model: AutoGLMModel, loader, desc: str) -> dict[str, torch.Tensor]:
-    media, text, keys = [], [], []
+    media, text, keys, items, skipped = [], [], [], [], []
     for batch in tqdm(loader, desc=desc, leave=False):
         out = model(batch["modality"], batch["media"], batch["input_ids"], batch["attention_mask"])
         media.append(out["image_features"])
         text.append(out["text_features"])
         keys.append(batch["caption_id"])
-    return {"media": torch.cat(media), "text": torch.cat(text), "keys": torch.cat(keys)}
+        items.append(batch["item_id"])
+        skipped += batch["skipped"]
+    return {
+        "media": torch.cat(media),
+        "text": torch.cat(text),
+        "keys": torch.cat(keys),
+        "items": torch.cat(items),
+        "skipped": skipped,
+    }
 
 
-def retrieval_report(emb: dict[str, torch.Tensor], modality: str) -> dict[str, dict[str, float]]:
-    keys = emb["keys"].tolist()
-    uniq: dict[int, int] = {}
+PROTOCOLS = {
+    "caption": "an answer is correct when its caption text equals the query's",
+    "item": "media->text is correct when any caption of the query's item is retrieved; "
+    "text->media when the caption's own item is",
+}
+
+
+def _first(keys: list) -> dict:
+    """Each distinct key and the index of its first occurrence."""
+    first: dict = {}
     for i, k in enumerate(keys):
-        uniq.setdefault(k, i)
-    gallery_keys, first = list(uniq), list(uniq.values())
-    captions = emb["text"][first]  # (G, E) one embedding per unique caption
-    sim = emb["media"] @ captions.T  # (N, G)
+        first.setdefault(k, i)
+    return first
+
+
+def retrieval_report(
+    emb: dict[str, torch.Tensor], modality: str, protocol: str = "caption"
+) -> dict[str, dict[str, float]]:
+    if protocol == "caption":
+        keys = emb["keys"].tolist()
+        uniq = _first(keys)
+        media_keys, text_keys = keys, list(uniq)
+        media, text = emb["media"], emb["text"][list(uniq.values())]  # one per unique caption
+    elif protocol == "item":
+        # rows repeated by bad-sample replacement collapse to one (item, caption) pair
+        pairs = _first(list(zip(emb["items"].tolist(), emb["keys"].tolist(), strict=True)))
+        rows = list(pairs.values())
+        text_keys = [item for item, _ in pairs]  # (T,) every caption once, keyed by its item
+        items = _first(text_keys)
+        media_keys = list(items)  # (M,) every item once
+        media, text = emb["media"][list(items.values())], emb["text"][rows]
+    else:
+        raise ValueError(f"unknown protocol {protocol!r}; expected one of {list(PROTOCOLS)}")
+    sim = media @ text.T  # (M, T)
     report = {}
     for name, s, q, g in (
-        (f"{modality}->text", sim, keys, gallery_keys),
-        (f"text->{modality}", sim.T, gallery_keys, keys),
+        (f"{modality}->text", sim, media_keys, text_keys),
+        (f"text->{modality}", sim.T, text_keys, media_keys),
     ):
         metrics = retrieval_metrics(s, q, g)
         chance = chance_metrics(q, g)
@@ -139,9 +179,17 @@ def run(cfg: DictConfig, data_overrides: list[str] | None = None) -> dict[str, A
     loaders = dm.test_dataloader() if cfg.split == "test" else dm.val_dataloader()
 
     report: dict[str, dict[str, float]] = {}
+    skipped: dict[str, dict[str, Any]] = {}
     for modality, loader in zip(data_cfg.modalities, loaders, strict=True):
-        report.update(retrieval_report(embed_split(model, loader, f"embed {modality}"), modality))
-    print(f"\nretrieval on the {cfg.split} split ({cfg.ckpt_path})\n{format_table(report)}\n")
+        emb = embed_split(model, loader, f"embed {modality}")
+        report.update(retrieval_report(emb, modality, dm.protocol))
+        skipped[modality] = summarize(emb["skipped"])
+        if skipped[modality]["total"]:
+            print(format_summary(skipped[modality], f"{cfg.split} {modality}"))
+    print(
+        f"\nretrieval on the {cfg.split} split ({cfg.ckpt_path})\n"
+        f"protocol: {dm.protocol} ({PROTOCOLS[dm.protocol]})\n{format_table(report)}\n"
+    )
 
     tasks = tasks_for(hp["objective"]) if cfg.tasks is None else list(cfg.tasks)
     fused: dict[str, dict[str, Any]] = {}
@@ -154,7 +202,13 @@ def run(cfg: DictConfig, data_overrides: list[str] | None = None) -> dict[str, A
 
     out_json = Path(cfg.output_json or Path(cfg.paths.output_dir) / "metrics.json")
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    result = {"ckpt_path": str(cfg.ckpt_path), "split": cfg.split, "retrieval": report}
+    result = {
+        "ckpt_path": str(cfg.ckpt_path),
+        "split": cfg.split,
+        "retrieval_protocol": {"name": dm.protocol, "rule": PROTOCOLS[dm.protocol]},
+        "retrieval": report,
+        "skipped": skipped,
+    }
     if fused:
         result["fused"] = fused
     out_json.write_text(json.dumps(result, indent=2))

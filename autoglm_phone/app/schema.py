@@ -19,11 +19,13 @@ from autoglm_phone.config import DecoderConfig, MultiModalConfig
 
 @dataclass
 class DataConfig:
-    name: str = "synthetic"
+    name: str = "synthetic"  # synthetic | manifest | coco | audiocaps | webdataset (docs/DATA.md)
     # synthetic generator (autoglm_phone.data.synthetic.SyntheticSpec)
-    seed: int = 0
+    seed: int = 0  # also seeds the shard order of webdataset
     image_size: int = 64  # render size; batches are resized to model.vision.img_size if different
-    sample_rate: int = 16000  # render rate; the audio tower resamples to model.audio.sample_rate
+    # synthetic: render rate. Real sources: audio is decoded to mono at this rate and cropped or
+    # zero-padded to audio_seconds; the audio tower resamples to model.audio.sample_rate.
+    sample_rate: int = 16000
     audio_seconds: float = 1.0
     num_train: int = 5000
     num_val: int = 500
@@ -32,6 +34,12 @@ class DataConfig:
     num_av_val: int = 200
     num_av_test: int = 200
     use_av: bool = True  # AV scenes add (image, image caption) and (audio, audio caption) pairs
+    # real sources (autoglm_phone.data.sources); images decode straight to model.vision.img_size
+    path: str | None = None  # manifest / COCO JSON / CSV / shard glob; {split} = a file per split
+    image_dir: str | None = None  # relative media paths start here (relative to the path's folder)
+    audio_dir: str | None = None
+    split_names: dict[str, str] = field(default_factory=dict)  # e.g. {train: development}
+    strict: bool = False  # stop at the first bad sample instead of skipping and counting it
     # loading
     modalities: list[str] = field(default_factory=lambda: ["image", "audio"])
     batch_size: int = 64

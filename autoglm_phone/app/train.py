@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from autoglm_phone.app.callbacks import SkippedSamples
 from autoglm_phone.app.datamodule import MultiModalDataModule
 from autoglm_phone.app.module import PretrainModule, read_model_state
 from autoglm_phone.app.schema import CallbacksConfig, LoggerConfig, TrainerConfig
@@ -91,6 +92,8 @@ def build(cfg: DictConfig) -> Built:
     L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.output_dir)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    if cfg.data.path:  # typed relative to where the run starts; saved absolute for eval.py
+        cfg.data.path = str(Path(cfg.data.path).expanduser().absolute())
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     model_cfg: MultiModalConfig = OmegaConf.to_object(cfg.model)
@@ -127,7 +130,8 @@ def build(cfg: DictConfig) -> Built:
         logger=logger,
         callbacks=build_callbacks(
             OmegaConf.to_object(cfg.callbacks), out / "checkpoints", bool(logger)
-        ),
+        )
+        + ([SkippedSamples(out / "skipped_samples.jsonl")] if cfg.data.name != "synthetic" else []),
         default_root_dir=str(out),
     )
     return Built(dm, module, trainer, out)

@@ -99,7 +99,7 @@ def iter_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, files
 
 
-def _captions(files: dict[str, bytes]) -> list[Any]:
+def sample_captions(files: dict[str, bytes]) -> list[Any]:
     if "json" in files:
         try:
             meta = json.loads(files["json"].decode("utf-8"))
@@ -173,7 +173,7 @@ class ShardDataset(IterableDataset):
         else:
             media = {"audio": decode_audio(files[aud], self.sample_rate, self.num_samples, member)}
         items = []
-        for i, text in enumerate(_captions(files)):
+        for i, text in enumerate(sample_captions(files)):
             if not isinstance(text, str) or not normalize_caption(text):
                 raise SampleError("empty_caption", f"caption {i} is empty or not text")
             items.append(

@@ -1,0 +1,191 @@
+"""train.py and eval.py on every real source, built on the fly; the multi-caption protocol."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+from datafixtures import make_audiocaps, make_coco, make_manifest
+
+from autoglm_phone.app.evaluate import retrieval_report
+
+# 4 bad rows of 40 (10%), all in the train split (lines are rows + 1)
+DEFECTS = {3: "corrupt_image", 10: "missing_file", 17: "empty_caption", 25: "malformed_row"}
+FAST = [
+    "logger=csv",
+    "trainer.enable_progress_bar=false",
+    "data.batch_size=8",
+    "data.eval_batch_size=8",
+]
+
+
+def _run(script: str, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    if ok:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _eval(run_dir, tmp_path, cache_dir) -> dict:
+    out = tmp_path / "metrics.json"
+    _run(
+        "eval.py",
+        f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+        f"output_json={out}",
+        f"paths.cache_dir={cache_dir}",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+    )
+    return json.loads(out.read_text())
+
+
+def test_manifest_with_ten_percent_bad_rows_trains_and_reports_exactly_those(tmp_path, cache_dir):
+    path = make_manifest(tmp_path / "data", 40, bad=DEFECTS)
+    run = tmp_path / "run"
+    proc = _run(
+        "train.py",
+        "data=manifest",
+        f"data.path={path}",
+        "trainer.max_epochs=1",  # one full epoch: 32 image rows in 4 batches of 8
+        f"hydra.run.dir={run}",
+        f"paths.cache_dir={cache_dir}",
+        *FAST,
+    )
+    assert (
+        "epoch 0 train: skipped 4 samples "
+        "(corrupt_image=1, empty_caption=1, malformed_row=1, missing_file=1)" in proc.stdout
+    )
+    train = [json.loads(x) for x in (run / "skipped_samples.jsonl").read_text().splitlines()]
+    train = [s for s in train if s["stage"] == "train"]
+    assert len(train) == 1
+    assert {r["row"]: r["reason"] for r in train[0]["rows"]} == {
+        f"line {i + 1}": d for i, d in DEFECTS.items()
+    }
+    with open(next((run / "csv").rglob("metrics.csv"))) as f:
+        logged = [r["data/skipped_train"] for r in csv.DictReader(f) if r["data/skipped_train"]]
+    assert logged == ["4.0"]
+    # eval: the run's data (test split, 4 good rows), item protocol stated in the JSON
+    result = _eval(run, tmp_path, cache_dir)
+    assert result["retrieval_protocol"]["name"] == "item"
+    assert result["retrieval"]["image->text"]["num_queries"] == 4
+    assert result["skipped"]["image"]["total"] == 0
+
+
+def test_strict_mode_stops_naming_the_file_and_row(tmp_path, cache_dir):
+    path = make_manifest(tmp_path / "data", 40, bad={3: "corrupt_image"})
+    proc = _run(
+        "train.py",
+        "data=manifest",
+        f"data.path={path}",
+        "data.strict=true",
+        "trainer.fast_dev_run=4",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        f"paths.cache_dir={cache_dir}",
+        *FAST,
+        ok=False,
+    )
+    assert proc.returncode != 0
+    assert "bad sample at pairs.jsonl, line 4: corrupt_image" in proc.stderr + proc.stdout
+    assert "003.png" in proc.stderr + proc.stdout
+
+
+def test_coco_trains_and_evaluates_with_the_multi_caption_protocol(tmp_path, cache_dir):
+    path = make_coco(tmp_path / "coco", n_images=24, captions=5)
+    run = tmp_path / "run"
+    _run(
+        "train.py",
+        "data=coco",
+        f"data.path={path}",
+        "data.image_dir=images",
+        "trainer.fast_dev_run=2",
+        f"hydra.run.dir={run}",
+        f"paths.cache_dir={cache_dir}",
+        *FAST,
+    )
+    result = _eval(run, tmp_path, cache_dir)
+    assert set(result["retrieval"]) == {"image->text", "text->image"}
+    i2t, t2i = result["retrieval"]["image->text"], result["retrieval"]["text->image"]
+    assert (i2t["num_queries"], i2t["gallery_size"]) == (4, 20)  # 4 test images, 5 captions each
+    assert (t2i["num_queries"], t2i["gallery_size"]) == (20, 4)
+    assert i2t["chance_R@1"] == pytest.approx(100 * 5 / 20)  # 5 of 20 captions are right
+    assert result["retrieval_protocol"]["name"] == "item"
+
+
+def test_audiocaps_trains(tmp_path, cache_dir):
+    pattern = make_audiocaps(tmp_path / "ac", {"train": 16, "val": 4, "test": 4})
+    run = tmp_path / "run"
+    _run(
+        "train.py",
+        "data=audiocaps",
+        f"data.path='{pattern}'",  # quoted: Hydra reads braces otherwise
+        "data.audio_dir=audio",
+        "data.audio_seconds=0.5",
+        "trainer.fast_dev_run=2",
+        f"hydra.run.dir={run}",
+        f"paths.cache_dir={cache_dir}",
+        *FAST,
+    )
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 2 and state["hyper_parameters"]["data"]["name"] == "audiocaps"
+
+
+def test_webdataset_shards_train_with_workers(tmp_path, cache_dir):
+    path = make_manifest(tmp_path / "data", 40)
+    convert = subprocess.run(
+        [sys.executable, "-m", "autoglm_phone.data.shards", "--source", "manifest"]
+        + ["--input", str(path), "--out", str(tmp_path / "shards"), "--shard-size", "8"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert convert.returncode == 0, convert.stderr
+    run = tmp_path / "run"
+    _run(
+        "train.py",
+        "data=webdataset",
+        f"data.path='{tmp_path / 'shards' / '{split}-*.tar'}'",
+        "data.num_workers=2",
+        "trainer.fast_dev_run=2",
+        f"hydra.run.dir={run}",
+        f"paths.cache_dir={cache_dir}",
+        *FAST,
+    )
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 2
+
+
+def test_multi_caption_protocol_any_caption_counts():
+    # 2 items with 3 captions each; item 0's media matches only its second caption
+    items = torch.tensor([10, 10, 10, 20, 20, 20])
+    keys = torch.tensor([1, 2, 3, 4, 5, 6])
+    text = torch.eye(6)
+    media = torch.zeros(6, 6)
+    media[:3, 1] = 1.0  # item 0 (rows 0-2, the same media) close to caption 2 only
+    media[3:, 5] = 1.0  # item 1 close to caption 6 only
+    media[:3, 3] = 0.5  # and somewhat close to a caption of item 1
+    emb = {"media": media, "text": text, "keys": keys, "items": items}
+    report = retrieval_report(emb, "image", "item")
+    i2t, t2i = report["image->text"], report["text->image"]
+    assert (i2t["num_queries"], i2t["gallery_size"]) == (2, 6)  # media once per item
+    assert i2t["chance_R@5"] == 100.0 and t2i["chance_R@5"] == 100.0  # gallery smaller than k
+    assert i2t["R@1"] == 100.0  # one matching caption is enough
+    assert (t2i["num_queries"], t2i["gallery_size"]) == (6, 2)
+    # captions 2 and 6 rank their own item first; caption 4 prefers item 0 (0.5 > 0); the other
+    # three tie at 0 with both items and count as rank 1 (ties are not ranked above)
+    assert t2i["R@1"] == pytest.approx(100 * 5 / 6)
+    # a replaced bad sample repeats a pair: the protocol counts it once
+    dup = {k: torch.cat([v, v[:1]]) for k, v in emb.items()}
+    assert retrieval_report(dup, "image", "item") == report
+    # the caption protocol on the same rows counts every media row as a query instead
+    assert retrieval_report(emb, "image", "caption")["image->text"]["num_queries"] == 6
