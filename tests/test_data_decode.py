@@ -116,3 +116,10 @@ def test_captions_are_normalised():
     assert normalize_caption("  Two\tdogs\n\n on  a ﬁeld \u200b") == "Two dogs on a field"
     assert normalize_caption("\u00a0 \r\n") == ""
     assert normalize_caption("Ｆｕｌｌｗｉｄｔｈ") == "Fullwidth"
+
+
+def test_cropping_before_resampling_matches_resampling_the_whole_clip(tmp_path):
+    path = write_audio(tmp_path / "a.flac", "FLAC", "PCM_24", 44100, 2, hz=1234.0, seconds=1.0)
+    whole = decode_audio(path, 16000, 16000)
+    short = decode_audio(path, 16000, 4000)  # reads ~0.25 s of the file
+    assert torch.allclose(short, whole[:4000], atol=1e-4)

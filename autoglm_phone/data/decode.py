@@ -6,7 +6,8 @@
 - Audio that libsndfile reads (WAV, FLAC, OGG Vorbis/Opus, MP3 with libsndfile >= 1.1) becomes
   float32 mono ``(T,)`` at a target rate: channels averaged, resampled with torchaudio's
   band-limited sinc, then cropped to its start or zero-padded at the end to exactly ``T`` samples,
-  so every clip of a batch has the same rate and length.
+  so every clip of a batch has the same rate and length. Only the frames that survive the crop are
+  decoded.
 - Captions are NFKC-normalised with whitespace runs collapsed to one space and the ends stripped.
 
 Every failure is a :class:`SampleError` with a ``reason`` from :data:`REASONS` and a message that
@@ -16,6 +17,7 @@ names the file.
 from __future__ import annotations
 
 import io
+import math
 import unicodedata
 from pathlib import Path
 
@@ -36,6 +38,7 @@ REASONS = (
 )
 
 Source = str | Path | bytes
+RESAMPLE_MARGIN = 256  # input frames read past the crop so its last samples resample exactly
 
 
 class SampleError(Exception):
@@ -92,6 +95,9 @@ def decode_image(src: Source, size: int, name: str | None = None) -> torch.Tenso
     fp = _open(src, name)
     try:
         with Image.open(fp) as img:
+            w, h = img.size
+            if min(w, h) > 2 * size:  # JPEG: decode at 1/2..1/8 scale, shorter side still >= size
+                img.draft(None, (-(-w * size // min(w, h)), -(-h * size // min(w, h))))
             img.load()  # full decode now: truncated files fail here, not later
             img = ImageOps.exif_transpose(img)
             rgb = _to_rgb(img)
@@ -119,7 +125,11 @@ def decode_audio(
     """A file path or encoded bytes to float32 mono ``(num_samples,)`` at ``sample_rate``."""
     fp = _open(src, name)
     try:
-        data, rate = sf.read(fp, dtype="float32", always_2d=True)  # (T, C)
+        with sf.SoundFile(fp) as f:
+            rate = f.samplerate
+            # only what survives the crop, plus a margin for the resampling filter
+            need = math.ceil(num_samples * rate / sample_rate) + RESAMPLE_MARGIN
+            data = f.read(frames=need, dtype="float32", always_2d=True)  # (T, C)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError) as e:
         raise SampleError("unreadable_audio", f"{_name(src, name)}: {e}") from e
     if data.shape[0] == 0:
