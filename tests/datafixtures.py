@@ -1,4 +1,4 @@
-"""Small real-format data sets built on the fly: images, audio, manifests, COCO JSON, CSVs, shards."""
+"""Small real-format data sets built on the fly: images, audio, manifests, COCO JSON, CSVs."""
 
 from __future__ import annotations
 

@@ -181,6 +181,8 @@ def test_converter_command_and_shard_reading(tmp_path):
     shards = list_shards(str(tmp_path / "sh" / "{split}-*.tar"), "train")
     items, skipped = _collect(ShardDataset(shards, "image", 16, 16000, 100), workers=0)
     assert len(items) == 8 * 3 and not skipped
+    assert len(ShardDataset(shards, "image", 16, 16000, 100)) == 8 * 3  # from headers and json
+    assert len(ShardDataset(shards, "audio", 16, 16000, 100)) == 0  # no audio members
     assert len({it["item_id"] for it in items}) == 8
     assert sorted({it["caption"] for it in items}) == sorted(
         r.caption for r in read_split("coco", str(path), "train")

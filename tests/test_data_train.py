@@ -156,13 +156,20 @@ def test_webdataset_shards_train_with_workers(tmp_path, cache_dir):
         "data=webdataset",
         f"data.path='{tmp_path / 'shards' / '{split}-*.tar'}'",
         "data.num_workers=2",
-        "trainer.fast_dev_run=2",
+        "trainer.max_epochs=1",  # a real epoch: the LR schedule needs the shards' length
+        "trainer.log_every_n_steps=1",
         f"hydra.run.dir={run}",
         f"paths.cache_dir={cache_dir}",
         *FAST,
     )
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert state["global_step"] == 2
+    assert state["global_step"] == 4  # 32 train pairs in 4 shards, 2 workers, batches of 8
+    # the cosine schedule spans the 4 steps (a length-less stream would plan 1 and sit at LR 0)
+    with open(next((run / "csv").rglob("metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    column = next(k for k in rows[0] if k.startswith("lr-"))
+    lrs = [float(r[column]) for r in rows if r[column]]
+    assert len(lrs) == 4 and min(lrs) > 0, lrs
 
 
 def test_multi_caption_protocol_any_caption_counts():

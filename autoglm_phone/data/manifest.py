@@ -65,7 +65,7 @@ def read_manifest(
     image_dir: str | None = None,
     audio_dir: str | None = None,
 ) -> list[Record]:
-    """Records of ``split`` from a file with a ``split`` column, or every row when ``split`` is None.
+    """Records of ``split`` (needs a ``split`` column), or every row when ``split`` is None.
 
     Rows whose split cannot be read (unparsable, or not train/val/test) are returned with the
     train split, carrying their error, so training reports them.

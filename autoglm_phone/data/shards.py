@@ -113,6 +113,29 @@ def sample_captions(files: dict[str, bytes]) -> list[Any]:
     return [None]
 
 
+def count_items(path: Path, modality: str) -> int:
+    """Items (captions) of ``modality``'s samples in one shard, reading only tar headers and
+    the small text members; unreadable parts count as nothing."""
+    exts = IMAGE_EXTS if modality == "image" else AUDIO_EXTS
+    samples: dict[str, tuple[bool, int]] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = _split_key(member.name)
+                has, n = samples.get(key, (False, 1))
+                if ext == "json":
+                    try:
+                        n = len(sample_captions({"json": tar.extractfile(member).read()}))
+                    except SampleError:
+                        n = 0
+                samples[key] = (has or ext in exts, n)
+    except (tarfile.TarError, OSError, EOFError):
+        pass
+    return sum(n for has, n in samples.values() if has)
+
+
 def _ext(files: dict[str, bytes], exts: Sequence[str]) -> str | None:
     return next((e for e in exts if e in files), None)
 
@@ -152,6 +175,17 @@ class ShardDataset(IterableDataset):
         self.image_size, self.sample_rate, self.num_samples = image_size, sample_rate, num_samples
         self.buffer = buffer
         self.epoch = 0  # advanced per pass; persistent workers keep their copy's count
+        self._count: int | None = None
+
+    def __len__(self) -> int:
+        """Items this rank yields per epoch, about (bad samples, uneven shards): Lightning needs a
+        length to plan the LR schedule. Counted once from the tar headers and text members."""
+        if self._count is None:
+            self._count = sum(count_items(s, self.modality) for s in self.shards)
+        world = 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+        return self._count // world
 
     def _assigned(self, slot: int, slots: int) -> tuple[list[Path], int, int]:
         shards = list(self.shards)

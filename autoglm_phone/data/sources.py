@@ -89,9 +89,12 @@ class RealData:
         """One modality's items of ``split`` (shards: an IterableDataset, shuffled if asked)."""
         args = (modality, self.image_size, self.sample_rate, self.num_samples, self.strict)
         if self.name == "webdataset":
-            return ShardDataset(self.shards(split), *args, shuffle=shuffle, seed=self.seed)
-        ds = RecordDataset(self.records(split), *args)
-        if not any(r.error is None for r in ds.records):
+            ds = ShardDataset(self.shards(split), *args, shuffle=shuffle, seed=self.seed)
+            usable = len(ds) > 0
+        else:
+            ds = RecordDataset(self.records(split), *args)
+            usable = any(r.error is None for r in ds.records)
+        if not usable:
             raise ValueError(
                 f"no usable {modality} rows in the {split} split of {self.path} "
                 f"({len(ds)} rows, all bad or none); check data.modalities and the paths"
