@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, IterableDataset
 
+from autoglm_phone.app.resume import ResumableLoader, ResumableSampler
 from autoglm_phone.app.schema import DataConfig
 from autoglm_phone.data.instructions import instructions_for, tokenize_chat
 from autoglm_phone.data.records import collate_skipped
@@ -120,7 +121,12 @@ class Collate:
 
 class MultiModalDataModule(L.LightningDataModule):
     def __init__(
-        self, cfg: DataConfig, cache_dir: str | Path, image_size: int, progress: bool = True
+        self,
+        cfg: DataConfig,
+        cache_dir: str | Path,
+        image_size: int,
+        progress: bool = True,
+        seed: int = 0,  # of the training order (the run's seed); the data have their own
     ):
         super().__init__()
         if cfg.name not in DATA_NAMES:
@@ -150,6 +156,7 @@ class MultiModalDataModule(L.LightningDataModule):
             num_av_val=cfg.num_av_val,
             num_av_test=cfg.num_av_test,
         )
+        self.seed = seed
         self._folder: Path | None = None
         self._tokenizer = None
         self.real: RealData | None = None
@@ -218,10 +225,13 @@ class MultiModalDataModule(L.LightningDataModule):
     def _loader(self, modality: str, split: str, shuffle: bool) -> DataLoader:
         batch_size = self.cfg.batch_size if split == "train" else self.cfg.eval_batch_size
         dataset = self.dataset(modality, split)
-        return DataLoader(
+        # training on map-style data: an order seeded per epoch that resumes mid-epoch
+        # (autoglm_phone/app/resume.py); shards shuffle inside and restart the epoch on resume
+        resumable = shuffle and not isinstance(dataset, IterableDataset)
+        return (ResumableLoader if resumable else DataLoader)(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle and not isinstance(dataset, IterableDataset),  # shards shuffle inside
+            sampler=self._train_sampler(dataset, modality) if resumable else None,
             drop_last=shuffle,
             num_workers=self.cfg.num_workers,
             persistent_workers=self.cfg.num_workers > 0,
@@ -232,6 +242,17 @@ class MultiModalDataModule(L.LightningDataModule):
                 self.image_size,
                 self.cfg.max_chat_len if self.cfg.instructions else None,
             ),
+        )
+
+    def _train_sampler(self, dataset: Dataset, modality: str) -> ResumableSampler:
+        trainer = self.trainer  # None outside a Trainer: one process
+        return ResumableSampler(
+            dataset,
+            num_replicas=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+            shuffle=True,
+            seed=self.seed + self.cfg.modalities.index(modality),
+            drop_last=True,
         )
 
     def train_dataloader(self) -> CombinedLoader:

@@ -149,6 +149,7 @@ class CallbacksConfig:
     save_top_k: int = 1
     save_last: bool = True
     every_n_epochs: int = 1
+    every_n_train_steps: int = 0  # > 0: also write last.ckpt every n steps (mid-epoch resume)
     lr_monitor: bool = True
 
 

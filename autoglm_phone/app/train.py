@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,11 +12,14 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from autoglm_phone.app.callbacks import SkippedSamples
 from autoglm_phone.app.datamodule import MultiModalDataModule
+from autoglm_phone.app.fault import AtomicCheckpointIO, FiniteLossGuard
 from autoglm_phone.app.module import PretrainModule, read_model_state
+from autoglm_phone.app.resume import ExactResume
 from autoglm_phone.app.schema import CallbacksConfig, LoggerConfig, TrainerConfig
 from autoglm_phone.config import MultiModalConfig
 from autoglm_phone.tokenizer import tokenizer_from_files
@@ -55,17 +59,42 @@ def build_callbacks(cfg: CallbacksConfig, ckpt_dir: Path, with_logger: bool) -> 
             save_top_k=cfg.save_top_k,
             save_last=cfg.save_last,
             every_n_epochs=cfg.every_n_epochs,
-        )
+            enable_version_counter=False,  # last.ckpt is overwritten, never last-v1.ckpt
+        ),
+        FiniteLossGuard(ckpt_dir),
+        ExactResume(),
     ]
+    if cfg.every_n_train_steps > 0:  # last.ckpt mid-epoch too, to resume after a kill
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=str(ckpt_dir),
+                save_top_k=0,
+                save_last=True,
+                every_n_train_steps=cfg.every_n_train_steps,
+                enable_version_counter=False,
+            )
+        )
     if cfg.lr_monitor and with_logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     return callbacks
 
 
 def tokenizer_files(tokenizer, folder: Path) -> dict[str, str]:
-    """Save the tokenizer to ``folder`` and return its files as text (stored in checkpoints)."""
-    tokenizer.save_pretrained(str(folder))
-    return {p.name: p.read_text(encoding="utf-8") for p in sorted(folder.iterdir()) if p.is_file()}
+    """The tokenizer's files as text (stored in checkpoints); rank 0 also saves them to ``folder``.
+
+    Read back from a private folder: under torchrun or SLURM every rank runs this at once, and
+    the shared one could be read while another rank rewrites it.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        files = {
+            p.name: p.read_text(encoding="utf-8")
+            for p in sorted(Path(tmp).iterdir())
+            if p.is_file()
+        }
+    if rank_zero_only.rank == 0:
+        tokenizer.save_pretrained(str(folder))
+    return files
 
 
 def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: Path) -> str | None:
@@ -94,11 +123,15 @@ def build(cfg: DictConfig) -> Built:
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     if cfg.data.path:  # typed relative to where the run starts; saved absolute for eval.py
         cfg.data.path = str(Path(cfg.data.path).expanduser().absolute())
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if rank_zero_only.rank == 0:  # every process of a multi-process run builds too
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     model_cfg: MultiModalConfig = OmegaConf.to_object(cfg.model)
     dm = MultiModalDataModule(
-        OmegaConf.to_object(cfg.data), cfg.paths.cache_dir, image_size=model_cfg.vision.img_size
+        OmegaConf.to_object(cfg.data),
+        cfg.paths.cache_dir,
+        image_size=model_cfg.vision.img_size,
+        seed=cfg.seed,
     )
     if cfg.objective.lm_weight > 0 and not cfg.data.instructions:
         raise ValueError("objective.lm_weight > 0 needs data.instructions=true")
@@ -133,6 +166,7 @@ def build(cfg: DictConfig) -> Built:
         )
         + ([SkippedSamples(out / "skipped_samples.jsonl")] if cfg.data.name != "synthetic" else []),
         default_root_dir=str(out),
+        plugins=[AtomicCheckpointIO()],
     )
     return Built(dm, module, trainer, out)
 
