@@ -121,6 +121,28 @@ def test_coco_trains_and_evaluates_with_the_multi_caption_protocol(tmp_path, cac
     assert result["retrieval_protocol"]["name"] == "item"
 
 
+def test_caption_sft_on_real_captions(tmp_path, cache_dir):
+    """Real data has no attributes to ask about: each item is a describe-prompt/caption pair."""
+    path = make_coco(tmp_path / "coco", n_images=24, captions=2)
+    run = tmp_path / "run"
+    _run(
+        "train.py",
+        "experiment=caption_sft",
+        "data=coco",
+        f"data.path={path}",
+        "data.image_dir=images",
+        "trainer.fast_dev_run=2",
+        f"hydra.run.dir={run}",
+        f"paths.cache_dir={cache_dir}",
+        *FAST,
+    )
+    fused = _eval(run, tmp_path, cache_dir)["fused"]
+    assert set(fused) == {"image perplexity"}  # captioning accuracy needs the synthetic grammar
+    assert (
+        1 < fused["image perplexity"]["perplexity"] < 10 * fused["image perplexity"]["vocab_size"]
+    )
+
+
 def test_audiocaps_trains(tmp_path, cache_dir):
     pattern = make_audiocaps(tmp_path / "ac", {"train": 16, "val": 4, "test": 4})
     run = tmp_path / "run"

@@ -22,7 +22,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, IterableDataset
 
 from autoglm_phone.app.resume import ResumableLoader, ResumableSampler
 from autoglm_phone.app.schema import DataConfig
-from autoglm_phone.data.instructions import instructions_for, tokenize_chat
+from autoglm_phone.data.instructions import DESCRIBE, instructions_for, tokenize_chat
 from autoglm_phone.data.records import collate_skipped
 from autoglm_phone.data.sources import RealData
 from autoglm_phone.data.synthetic import SyntheticDataset, SyntheticSpec, build_synthetic
@@ -58,7 +58,9 @@ class Collate:
     With ``max_chat_len`` set, each item also gets one instruction pair in the chat format
     (``chat_input_ids``, ``chat_attention_mask``, ``chat_loss_mask``, ``prompt``, ``response``):
     item ``i`` asks question ``i mod n`` of its n questions, so every question is asked equally
-    often and a resumed run sees the same pairs (no random state).
+    often and a resumed run sees the same pairs (no random state). Without ``questions`` (real
+    data: no attributes to ask about) every item is a captioning pair: the describe prompt and
+    its caption.
     """
 
     def __init__(
@@ -68,10 +70,11 @@ class Collate:
         max_text_len: int,
         image_size: int,
         max_chat_len: int | None = None,
+        questions: bool = True,
     ) -> None:
         self.modality, self.tokenizer = modality, tokenizer
         self.max_text_len, self.image_size = max_text_len, image_size
-        self.max_chat_len = max_chat_len
+        self.max_chat_len, self.questions = max_chat_len, questions
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         captions = [it["caption"] for it in items]
@@ -97,8 +100,11 @@ class Collate:
             ]
         )
         if self.max_chat_len:
-            pairs = [instructions_for(self.modality, it) for it in items]
-            chosen = [p[int(it["index"]) % len(p)] for p, it in zip(pairs, items, strict=True)]
+            if self.questions:
+                pairs = [instructions_for(self.modality, it) for it in items]
+                chosen = [p[int(it["index"]) % len(p)] for p, it in zip(pairs, items, strict=True)]
+            else:
+                chosen = [(DESCRIBE[self.modality], c) for c in captions]
             prompts, responses = [list(x) for x in zip(*chosen, strict=True)]
             chat = tokenize_chat(
                 self.tokenizer, prompts, responses, (self.modality,), self.max_chat_len
@@ -131,8 +137,6 @@ class MultiModalDataModule(L.LightningDataModule):
         super().__init__()
         if cfg.name not in DATA_NAMES:
             raise ValueError(f"unknown data.name {cfg.name!r}; available: {', '.join(DATA_NAMES)}")
-        if cfg.name != "synthetic" and cfg.instructions:
-            raise ValueError("data.instructions needs the synthetic data's attributes")
         unknown = set(cfg.modalities) - {"image", "audio"}
         if unknown or not cfg.modalities:
             raise ValueError(
@@ -241,6 +245,7 @@ class MultiModalDataModule(L.LightningDataModule):
                 self.cfg.max_text_len,
                 self.image_size,
                 self.cfg.max_chat_len if self.cfg.instructions else None,
+                questions=self.cfg.name == "synthetic",
             ),
         )
 

@@ -12,7 +12,8 @@
 - ``perplexity``: of the reference description (the split's caption) given the media and the
   describe prompt, under the prefix LM: ``exp`` of the mean NLL per response token.
 - ``captioning``: greedy answers to the describe prompt, parsed back into attributes; exact match
-  (every attribute right) and per-attribute accuracy.
+  (every attribute right) and per-attribute accuracy (the embedded data only: real captions
+  have no grammar to parse).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from autoglm_phone.data.instructions import QUESTIONS, format_chat, parse_answer, tokenize_chat
+from autoglm_phone.data.instructions import DESCRIBE, format_chat, parse_answer, tokenize_chat
 from autoglm_phone.data.synthetic import parse_caption
 from autoglm_phone.losses import (
     align_to_prefix,
@@ -37,7 +38,6 @@ from autoglm_phone.metrics import chance_metrics, retrieval_metrics
 from autoglm_phone.models.autoglm import AutoGLMModel
 
 FUSED_TASKS = ("itm", "rerank", "mlm", "perplexity", "captioning")
-DESCRIBE = {m: next(q for q, attr in qs if attr is None) for m, qs in QUESTIONS.items()}
 
 
 def tasks_for(objective: dict[str, Any]) -> list[str]:

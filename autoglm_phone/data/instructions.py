@@ -59,6 +59,7 @@ AUDIO_QUESTIONS: tuple[tuple[str, str | None], ...] = (
     ("Is the pitch steady, rising or falling?", "contour"),
 )
 QUESTIONS = {"image": IMAGE_QUESTIONS, "audio": AUDIO_QUESTIONS}
+DESCRIBE = {m: next(q for q, attr in qs if attr is None) for m, qs in QUESTIONS.items()}
 SCENE_PROMPT = "Describe the scene."  # av only: the full av caption
 
 
