@@ -115,6 +115,10 @@ class PretrainModule(L.LightningModule):
             if unexpected:
                 raise ValueError(f"init_from={init_from}: unexpected weights {unexpected[:5]}")
         apply_finetune_lora(self.model, finetune)
+        # decided on the unwrapped shapes: under FSDP every parameter is a flat 1-D shard
+        self._no_decay = {
+            n for n, p in self.model.named_parameters() if p.dim() < 2 or "embed" in n
+        }
         self.weights = {name: self._weight(name) for name in LOSSES}
         self.itc = itc_loss()
         self.teacher: list[AutoGLMModel] = []  # a list: not a submodule, not in the checkpoint
@@ -329,7 +333,7 @@ class PretrainModule(L.LightningModule):
         groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
         for name, p in self.model.named_parameters():
             if p.requires_grad or id(p) in later:
-                decay = p.dim() >= 2 and "embed" not in name
+                decay = name.replace("_fsdp_wrapped_module.", "") not in self._no_decay
                 groups.setdefault((id(p) in later, decay), []).append(p)
         keys = sorted(groups)
         opt = torch.optim.AdamW(
