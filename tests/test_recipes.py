@@ -175,7 +175,7 @@ def test_distill_is_zero_between_identical_models(tmp_path, cache_dir, base_ckpt
     )
     built = build(cfg)
     module = built.module.eval()
-    module.setup("fit")  # loads the teacher
+    module.load_teacher()
     batch = next(iter(built.datamodule._loader("audio", "val", shuffle=False)))
     with torch.no_grad():
         losses, _, _ = module._objectives(batch)

@@ -131,6 +131,10 @@ class PretrainModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.itc = itc_loss(rank=self.global_rank, world_size=self.trainer.world_size)
+        self.load_teacher()
+
+    def load_teacher(self) -> None:
+        """The frozen distillation teacher, if the objective has one (once)."""
         teacher_ckpt = self.hparams.objective["distill"]["teacher_ckpt"]
         if self.weights["distill"] > 0 and not self.teacher:
             if not teacher_ckpt:
@@ -168,6 +172,12 @@ class PretrainModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._apply_freeze(self.current_epoch)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # a part with nothing to train runs in eval mode: its batch-norm statistics and dropout
+        # stay as they were (frozen towers, LoRA's base model)
+        for child in self.model.children():
+            child.train(any(p.requires_grad for p in child.parameters()))
 
     # -- objectives ----------------------------------------------------------------------------
     def _objectives(
