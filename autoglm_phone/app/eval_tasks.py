@@ -28,9 +28,7 @@ from tqdm import tqdm
 from autoglm_phone.data.instructions import DESCRIBE, format_chat, parse_answer, tokenize_chat
 from autoglm_phone.data.synthetic import parse_caption
 from autoglm_phone.losses import (
-    align_to_prefix,
     itm_targets,
-    mask_tokens,
     prefix_lm_loss,
     sample_hard_negatives,
 )
@@ -109,33 +107,15 @@ def fused_report(
             add("itm_neg", right[labels == 0])
             add("itm_all", right[labels >= 0])
         if "mlm" in tasks:
-            st = model.cfg.special_tokens
-            masked, labels = mask_tokens(
-                ids,
-                mask_token_id=st.mask,
-                vocab_size=model.cfg.text.vocab_size,
-                special_ids=st.specials,
-                attention_mask=am,
-                generator=gen,
-            )
-            hidden, _ = model.fuse(block, masked, am)
-            logits = model.text.lm_head(hidden[:, block.shape[1] :])
+            logits, labels = model.masked_lm(block, ids, am, generator=gen)
             target = labels >= 0
             add("mlm", (logits.argmax(-1) == labels)[target])
             hist = hist + torch.bincount(labels[target], minlength=len(hist))
         if "perplexity" in tasks:
             prompts = [DESCRIBE[modality]] * len(batch["caption"])
             chat = tokenize_chat(tokenizer, prompts, batch["caption"], (modality,))
-            embeds, mask, _ = model.assemble([block], chat["input_ids"], chat["attention_mask"])
-            target, scored, plen = align_to_prefix(
-                chat["input_ids"],
-                chat["attention_mask"],
-                chat["loss_mask"],
-                mask,
-                model.cfg.text.pad_token_id,
-            )
-            logits = model.text(
-                inputs_embeds=embeds, attention_mask=mask, mode="prefix", prefix_lengths=plen
+            logits, target, scored = model.prefix_lm(
+                [block], chat["input_ids"], chat["attention_mask"], chat["loss_mask"]
             )
             nll, _ = prefix_lm_loss(logits, target, scored)
             n = scored[:, 1:].sum()

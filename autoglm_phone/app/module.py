@@ -24,12 +24,10 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from autoglm_phone.config import MultiModalConfig
 from autoglm_phone.losses import (
-    align_to_prefix,
     itc_loss,
     itm_accuracy,
     itm_loss,
     itm_targets,
-    mask_tokens,
     masked_accuracy,
     mlm_loss,
     prefix_lm_loss,
@@ -217,18 +215,8 @@ class PretrainModule(L.LightningModule):
                 itm_accuracy(logits, labels),
             )
         if w["mlm"] > 0:
-            st = m.cfg.special_tokens
-            masked, labels = mask_tokens(
-                ids,
-                mask_token_id=st.mask,
-                vocab_size=m.cfg.text.vocab_size,
-                special_ids=st.specials,
-                attention_mask=am,
-                mask_prob=self.hparams.objective["mlm_prob"],
-            )
-            hidden, _ = m.fuse(block, masked, am)
+            logits, labels = m.masked_lm(block, ids, am, self.hparams.objective["mlm_prob"])
             aux.append(m.text.aux_loss())
-            logits = m.text.lm_head(hidden[:, block.shape[1] :])  # (B, T, V) the text positions
             losses["mlm"], metrics["mlm_acc"] = (
                 mlm_loss(logits, labels),
                 masked_accuracy(logits, labels),
@@ -236,21 +224,11 @@ class PretrainModule(L.LightningModule):
         if w["lm"] > 0:
             if "chat_input_ids" not in batch:
                 raise ValueError("objective.lm_weight > 0 needs data.instructions=true")
-            embeds, mask, _ = m.assemble(
-                [block], batch["chat_input_ids"], batch["chat_attention_mask"]
-            )
-            target, scored, prefix_lengths = align_to_prefix(
+            logits, target, scored = m.prefix_lm(
+                [block],
                 batch["chat_input_ids"],
                 batch["chat_attention_mask"],
                 batch["chat_loss_mask"],
-                mask,
-                m.cfg.text.pad_token_id,
-            )
-            logits = m.text(
-                inputs_embeds=embeds,
-                attention_mask=mask,
-                mode="prefix",
-                prefix_lengths=prefix_lengths,
             )  # (B, P, V)
             aux.append(m.text.aux_loss())
             losses["lm"], metrics["lm_acc"] = prefix_lm_loss(logits, target, scored)

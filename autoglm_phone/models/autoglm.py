@@ -31,6 +31,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from autoglm_phone.config import DecoderConfig, MultiModalConfig
+from autoglm_phone.losses.lm import align_to_prefix
+from autoglm_phone.losses.mlm import mask_tokens
 from autoglm_phone.models.adapters import LowRankProjection, MediaAdapter
 from autoglm_phone.models.glm import AttentionMode, GLMDecoder
 from autoglm_phone.models.presets import PRESETS, get_preset
@@ -146,6 +148,49 @@ class AutoGLMModel(nn.Module):
         mask = torch.cat([ones, attention_mask.bool()], dim=1)  # (B, M + T)
         hidden = self.text.forward_features(inputs_embeds=embeds, attention_mask=mask, mode=mode)
         return hidden, mask
+
+    def masked_lm(
+        self,
+        media_block: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        mask_prob: float = 0.15,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """BERT-mask the text ``(B, T)`` (special tokens never), run the decoder bidirectionally
+        over ``[media block; masked text]``; the LM head's logits at the text ``(B, T, V)`` and
+        the labels ``(B, T)`` (-100 off target)."""
+        st = self.cfg.special_tokens
+        masked, labels = mask_tokens(
+            input_ids,
+            mask_token_id=st.mask,
+            vocab_size=self.cfg.text.vocab_size,
+            special_ids=st.specials,
+            attention_mask=attention_mask,
+            mask_prob=mask_prob,
+            generator=generator,
+        )
+        hidden, _ = self.fuse(media_block, masked, attention_mask)
+        return self.text.lm_head(hidden[:, media_block.shape[1] :]), labels
+
+    def prefix_lm(
+        self,
+        media_blocks: list[torch.Tensor],
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        loss_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prefix-LM logits ``(B, P, V)`` over ``[media blocks; chat text]`` (bidirectional up to
+        the response, causal after), with the text's ids and loss mask laid out alike ``(B, P)``:
+        the arguments of :func:`autoglm_phone.losses.prefix_lm_loss`."""
+        embeds, mask, _ = self.assemble(media_blocks, input_ids, attention_mask)
+        target, scored, prefix_lengths = align_to_prefix(
+            input_ids, attention_mask, loss_mask, mask, self.cfg.text.pad_token_id
+        )
+        logits = self.text(
+            inputs_embeds=embeds, attention_mask=mask, mode="prefix", prefix_lengths=prefix_lengths
+        )
+        return logits, target, scored
 
     def itm_logits(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Matched / not-matched logits ``(B, 2)`` from mean-pooled fused hidden states."""
