@@ -55,12 +55,13 @@ def test_itc_loss_gathered_over_two_ranks_equals_one_process(tmp_path):
             torch.tensor(2.0),
         ],
     }
-    # fork: the children inherit the imports (open_clip alone takes seconds to import)
+    # spawn, not fork: a fork of the pytest process, whose torch thread pools earlier tests have
+    # started, deadlocks in the children (seen in the full suite)
     mp.start_processes(
         _itc_rank,
         args=(f"file://{tmp_path}/store", inputs, str(tmp_path)),
         nprocs=WORLD,
-        start_method="fork",
+        start_method="spawn",
     )
 
     params = [p.clone().requires_grad_() for p in inputs["params"]]
