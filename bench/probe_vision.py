@@ -55,11 +55,12 @@ def features(model, images, batch_size: int = 250) -> dict[str, torch.Tensor]:
     return {site: torch.cat(parts).float() for site, parts in out.items()}
 
 
-def probe(x_train, y_train, x_test, y_test, l2: float = 1e-3, steps: int = 100) -> float:
+def probe(
+    x_train, y_train, x_test, y_test, n_classes: int, l2: float = 1e-3, steps: int = 100
+) -> float:
     """Test accuracy (%) of an L2-regularised softmax regression fitted on the train split."""
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
-    n_classes = int(max(y_train.max(), y_test.max())) + 1
     w = torch.zeros(x_train.shape[1], n_classes, requires_grad=True)
     b = torch.zeros(n_classes, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
@@ -105,7 +106,9 @@ def main() -> None:
             chance = 100.0 * Counter(y_test.tolist()).most_common(1)[0][1] / len(y_test)
             row = results.setdefault(attribute, {"chance": chance})
             for site in SITES:
-                row[f"{name} {site}"] = probe(f_train[site], y_train, f_test[site], y_test)
+                row[f"{name} {site}"] = probe(
+                    f_train[site], y_train, f_test[site], y_test, len(classes)
+                )
 
     columns = ["chance"] + [f"{n} {s}" for n in ("trained", "random init") for s in SITES]
     print(f"linear probe accuracy (%), image test split, {args.ckpt}")
