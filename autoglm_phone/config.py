@@ -27,12 +27,28 @@ class VisionConfig:
     depth: Optional[int] = None  # None keeps the architecture's own depth (12 for ViT-tiny)
     drop_path_rate: float = 0.0
     pretrained_path: Optional[str] = None  # local timm/.safetensors/.pth file; never downloaded
+    # "patch": one linear patchify (ViT); "conv": log2(patch_size) stride-2 3x3 conv-BN-ReLU then
+    # a 1x1 projection (Xiao et al. 2021, "Early convolutions help transformers see better")
+    stem: str = "patch"
 
     def __post_init__(self) -> None:
         if self.img_size % self.patch_size:
             raise ValueError(
                 f"vision.img_size={self.img_size} must be divisible by vision.patch_size={self.patch_size}"
             )
+        if self.stem not in ("patch", "conv"):
+            raise ValueError(f"vision.stem={self.stem!r}: expected 'patch' or 'conv'")
+        if self.stem == "conv":
+            if self.patch_size < 2 or self.patch_size & (self.patch_size - 1):
+                raise ValueError(
+                    f"vision.stem='conv' downsamples by stride-2 convolutions, so "
+                    f"vision.patch_size must be a power of two >= 2, got {self.patch_size}"
+                )
+            if self.pretrained_path:
+                raise ValueError(
+                    "vision.pretrained_path loads a patch-stem ViT; set vision.stem='patch' "
+                    "to use pretrained weights"
+                )
 
 
 @dataclass
@@ -162,6 +178,7 @@ class AdapterConfig:
     image_tokens: int = 16  # decoder tokens per image; "avg" needs a square (pooled on the grid)
     audio_tokens: int = 16  # decoder tokens per audio clip, whatever its length
     pool: str = "avg"  # "avg": adaptive average pooling; "attn": learned queries (CoCa pooler)
+    position_embed: bool = False  # a learned embedding per media token slot (grid cell / time)
 
     def __post_init__(self) -> None:
         if self.pool not in self.POOLS:
@@ -215,6 +232,8 @@ class SpecialTokens:
 # String shorthands for the towers and the decoder (``MultiModalConfig(vision_encoder=...)``).
 VISION_ENCODERS: dict[str, Callable[[], VisionConfig]] = {
     "vit-tiny": VisionConfig,  # timm ViT-Ti/16 at 64 px: 16 tokens, 5.5M parameters
+    # the same with a convolutional stem (loads no ViT weights); trains far better from scratch
+    "vit-tiny-conv": lambda: VisionConfig(stem="conv"),  # 16 tokens, 5.6M
     "vit-base": lambda: VisionConfig(name="vit_base_patch16_224", img_size=224),  # 196 tokens, 86M
 }
 AUDIO_ENCODERS: dict[str, Callable[[], AudioConfig]] = {
@@ -267,6 +286,11 @@ class MultiModalConfig:
     embed_dim: int = 256  # shared contrastive space
     proj_rank: int = 64  # rank of the low-rank tower -> shared-space projections
     text_pool: str = "mean"  # "mean" over valid tokens, or "last" valid token
+    # 0: ITC encodes text with the decoder (bidirectional). k > 0: with its own k-layer
+    # bidirectional stack of the decoder's width (own embeddings, dense FFNs), so the fused
+    # objectives (ITM, MLM, LM) and ITC stop sharing the text weights: ALBEF's split of text
+    # encoder and fusion layers (docs/RECIPES.md)
+    text_encoder_layers: int = 0
     init_temperature: float = 0.07
     quantize: Optional[str] = None  # None or "int4": the deployment precision (summary default)
     vision_encoder: InitVar[Optional[str]] = None
@@ -300,11 +324,25 @@ class MultiModalConfig:
             raise ValueError(f"text_pool must be 'mean' or 'last', got {self.text_pool!r}")
         if not 0 < self.init_temperature < 1:
             raise ValueError(f"init_temperature must be in (0, 1), got {self.init_temperature}")
+        if self.text_encoder_layers < 0:
+            raise ValueError(f"text_encoder_layers must be >= 0, got {self.text_encoder_layers}")
         if self.quantize not in QUANTIZE:
             raise ValueError(f"quantize must be one of {QUANTIZE}, got {self.quantize!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def text_encoder_config(self) -> DecoderConfig | None:
+        """The ITC text stack's config (``None`` when the decoder encodes text for ITC)."""
+        if not self.text_encoder_layers:
+            return None
+        return replace(
+            self.text,
+            num_layers=self.text_encoder_layers,
+            moe=MoEConfig(num_experts=0, layers=[]),
+            memory=MemoryConfig(),
+            tie_word_embeddings=True,  # its LM head is never used: no extra weights for one
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MultiModalConfig:

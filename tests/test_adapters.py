@@ -69,6 +69,19 @@ def test_modality_embedding_is_added_to_every_token():
     assert torch.equal(out, adapter.modality_embed.expand(2, 3, 6))
 
 
+def test_position_embedding_tells_slots_apart():
+    adapter = MediaAdapter(
+        in_dim=8, out_dim=6, rank=2, num_tokens=4, grid=True, position_embed=True
+    )
+    same = torch.ones(1, 16, 8)  # every patch identical: only the slot embedding differs
+    out = adapter(same)
+    assert out.shape == (1, 4, 6)
+    assert torch.allclose(out - adapter.position_embed, out[:, :1] - adapter.position_embed[:1])
+    assert (out[0, 0] - out[0, 3]).abs().max() > 0
+    plain = MediaAdapter(in_dim=8, out_dim=6, rank=2, num_tokens=4, grid=True)
+    assert plain.position_embed is None and torch.allclose(plain(same), plain(same)[:, :1])
+
+
 def test_adapter_config_validation():
     assert AdapterConfig(pool="attn", image_tokens=10).image_tokens == 10  # any count with attn
     with pytest.raises(ValueError, match="square"):

@@ -67,7 +67,7 @@ def test_shorthands_resolve_to_the_nested_configs():
     [
         (
             {"vision_encoder": "vit-huge"},
-            r"unknown vision encoder 'vit-huge'; known: vit-base, vit-tiny",
+            r"unknown vision encoder 'vit-huge'; known: vit-base, vit-tiny, vit-tiny-conv",
         ),
         ({"audio_encoder": "wav2vec"}, r"known: audio-base, audio-tiny"),
         ({"text_decoder": "llama"}, r"known: glm-4-9b, glm-tiny"),
@@ -119,12 +119,12 @@ def test_summary_table_and_int4_convention(tiny, capsys):
     assert [r.name for r in s.rows][:3] == ["vision", "audio", "text"]
     assert s.params == sum(p.numel() for p in tiny.parameters())
     # vision adapter: Linear 192 -> 64 and Linear 64 -> 256 at 4 bits + FP16 scale and zero
-    # point per 128 inputs (a partial group counts whole); the up-projection's bias and the
-    # modality embedding (256 each) at FP16
+    # point per 128 inputs (a partial group counts whole); the up-projection's bias, the
+    # modality embedding (256 each) and the 16 slot embeddings (16 x 256) at FP16
     row = next(r for r in s.rows if r.name == "vision_adapter")
     down = 64 * 192 / 2 + 4 * 64 * 2
     up = 256 * 64 / 2 + 4 * 256 * 1
-    assert row.bytes["int4"] == down + up + 2 * (256 + 256)
+    assert row.bytes["int4"] == down + up + 2 * (256 + 256 + 16 * 256)
     assert s.kv_cache_bytes == 2 * 2 * 2 * 64 * 128 * 2  # 2 layers, 2 KV heads of 64, FP16
 
 

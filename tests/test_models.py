@@ -27,6 +27,32 @@ def test_towers_share_one_contract(name):
     assert torch.allclose(tower.forward_head(tower.forward_features(x)), out.pooled, atol=1e-6)
 
 
+def test_conv_stem_keeps_the_patch_grid_and_sees_inside_a_patch():
+    patch = VisionTower(VisionConfig(img_size=32, patch_size=8, depth=1))
+    conv = VisionTower(VisionConfig(img_size=32, patch_size=8, depth=1, stem="conv")).eval()
+    x = torch.rand(2, 3, 32, 32)
+    assert conv(x).tokens.shape == patch(x).tokens.shape == (2, 16, patch.embed_dim)
+    stem = conv.vit.patch_embed.backbone
+    strides = [m.stride for m in stem.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert strides == [(2, 2)] * 3  # log2(8) stride-2 convolutions, then a 1x1 projection
+    # one pixel inside the first 8x8 cell changes that cell's stem output, not a far cell's
+    y = x.clone()
+    y[:, :, 3, 3] += 0.5
+    with torch.no_grad():
+        a, b = conv.vit.patch_embed(x), conv.vit.patch_embed(y)  # (B, 16, D)
+    assert (a[:, 0] - b[:, 0]).abs().max() > 1e-4
+    assert torch.equal(a[:, 15], b[:, 15])
+
+
+def test_conv_stem_config_errors():
+    with pytest.raises(ValueError, match="power of two"):
+        VisionConfig(img_size=48, patch_size=12, stem="conv")
+    with pytest.raises(ValueError, match="stem='patch'"):
+        VisionConfig(stem="conv", pretrained_path="vit.safetensors")
+    with pytest.raises(ValueError, match="'patch' or 'conv'"):
+        VisionConfig(stem="resnet")
+
+
 def test_vision_accepts_uint8_and_float_alike():
     tower = VisionTower(VisionConfig(img_size=32, patch_size=8, depth=1)).eval()
     img = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)

@@ -48,18 +48,34 @@ class FiniteLossGuard(Callback):
     """Stop at the first non-finite training loss, saving ``<dirpath>/nonfinite.ckpt`` first.
 
     The check runs before the backward pass, so the checkpoint holds the weights and optimizer
-    state *before* the bad update (a later step would write NaN into every weight). It is for
+    state *before* the bad update (a later step would write NaN into every weight). The bad
+    forward itself has already folded its activations into batch-norm running statistics (the
+    conv stem's), so those buffers are copied before each step and put back before the save.
+    It is for
     inspection: resume from ``last.ckpt``. The error names the global step and every logged
     ``train/`` term that is not finite. Under DDP the decision is shared, so all ranks stop.
     """
 
     def __init__(self, dirpath: str | os.PathLike, filename: str = "nonfinite.ckpt") -> None:
         self.path = Path(dirpath) / filename
+        self._stats: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, idx: int) -> None:
+        self._stats = [
+            (buf, buf.detach().clone())
+            for m in pl_module.modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+            for buf in (m.running_mean, m.running_var, m.num_batches_tracked)
+            if buf is not None
+        ]  # a few hundred numbers: the stem's BN layers
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         bad = not bool(torch.isfinite(loss.detach()).all())
         if not trainer.strategy.reduce_boolean_decision(bad, all=False):
             return
+        with torch.no_grad():
+            for buf, before in self._stats:
+                buf.copy_(before)
         terms = {
             k: float(v)
             for k, v in trainer.callback_metrics.items()

@@ -176,6 +176,11 @@ class PretrainModule(L.LightningModule):
         # stay as they were (frozen towers, LoRA's base model)
         for child in self.model.children():
             child.train(any(p.requires_grad for p in child.parameters()))
+        # ... and so does a frozen batch norm inside a part that trains (the conv stem of a
+        # ViT whose upper blocks are thawed)
+        for m in self.model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+                m.train(any(p.requires_grad for p in m.parameters()))
 
     # -- objectives ----------------------------------------------------------------------------
     def _objectives(
@@ -195,7 +200,7 @@ class PretrainModule(L.LightningModule):
         feats = {"media": media}
         if w["itc"] > 0 or w["itm"] > 0 or w["distill"] > 0:
             feats["text"] = m.encode_text(ids, am)
-            aux.append(m.text.aux_loss())
+            aux.append(m.itc_text_tower.aux_loss())
             scale = m.logit_scale.clamp(max=math.log(100.0)).exp()
             if w["itc"] > 0:
                 losses["itc"] = self.itc(media, feats["text"], scale)
@@ -275,8 +280,11 @@ class PretrainModule(L.LightningModule):
         return total
 
     def _log_moe(self, modality: str) -> None:
-        """Per-layer expert load (share of routed assignments) and dropped-token counts."""
+        """Per-layer expert load (share of routed assignments) and dropped-token counts; nothing
+        when the decoder has not run (ITC with a separate text encoder)."""
         for layer, stats in self.model.text.moe_stats().items():
+            if "load" not in stats:
+                continue
             prefix = f"moe/{modality}/layer{layer}"
             for e, share in enumerate(stats["load"].tolist()):
                 self.log(f"{prefix}/load_e{e}", share)

@@ -131,6 +131,7 @@ class TrainerConfig:
     limit_val_batches: Any = None
     deterministic: bool = False
     enable_progress_bar: bool = True
+    sync_batchnorm: bool = False  # batch statistics over all ranks (the ViT's conv stem)
 
 
 @dataclass

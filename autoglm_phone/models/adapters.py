@@ -6,6 +6,7 @@ contrastive space (:class:`LowRankProjection`) and, inside a :class:`MediaAdapte
 tokens into the decoder's ``hidden_size``, LLaVA-style (Liu et al. 2023) but low-rank:
 
     tokens (B, N, D) -> pool to K tokens (B, K, D) -> project (B, K, C) -> + modality embedding
+                                                                  [+ per-slot position embedding]
 
 Pooling fixes the number of decoder tokens per image / clip whatever the tower produced:
 
@@ -15,6 +16,11 @@ Pooling fixes the number of decoder tokens per image / clip whatever the tower p
   Averaging commutes with the linear projection, so pooling first only saves compute.
 - ``"attn"``: ``K`` learned queries cross-attend to all tokens: CoCa's attentional pooler
   (Yu et al. 2022), written as open_clip's ``AttentionalPooler``; it learns what to keep.
+
+With ``position_embed`` each of the K slots also gets its own learned embedding, so which grid
+cell (or stretch of time) a token came from is in its content, not only in its index. The
+decoder's RoPE gives only relative offsets along one axis; a captioner asked "where" must
+otherwise infer the 2-D cell from distances to the text (docs/RECIPES.md).
 """
 
 from __future__ import annotations
@@ -89,7 +95,8 @@ def build_token_pool(pool: str, dim: int, num_tokens: int, grid: bool = False) -
 
 class MediaAdapter(nn.Module):
     """Tower tokens ``(B, N, D)`` -> ``num_tokens`` decoder embeddings ``(B, K, C)``: pool, project
-    at low rank, add the modality's learned embedding to every token."""
+    at low rank, add the modality's learned embedding to every token and, with
+    ``position_embed``, a learned embedding per output slot."""
 
     def __init__(
         self,
@@ -99,6 +106,7 @@ class MediaAdapter(nn.Module):
         num_tokens: int,
         pool: str = "avg",
         grid: bool = False,
+        position_embed: bool = False,
     ) -> None:
         super().__init__()
         self.num_tokens = num_tokens
@@ -106,6 +114,11 @@ class MediaAdapter(nn.Module):
         self.proj = LowRankProjection(in_dim, out_dim, rank)
         self.modality_embed = nn.Parameter(torch.empty(out_dim))
         nn.init.normal_(self.modality_embed, std=0.02)  # the decoder's token-embedding scale
+        self.position_embed = None
+        if position_embed:
+            self.position_embed = nn.Parameter(torch.empty(num_tokens, out_dim))
+            nn.init.normal_(self.position_embed, std=0.02)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.pool(tokens)) + self.modality_embed  # (B, K, C)
+        out = self.proj(self.pool(tokens)) + self.modality_embed  # (B, K, C)
+        return out if self.position_embed is None else out + self.position_embed

@@ -66,11 +66,17 @@ class AutoGLMModel(nn.Module):
         # built last, so the modules above draw the same initial weights as before they existed
         a, c = cfg.adapter, self.text.embed_dim
         self.vision_adapter = MediaAdapter(
-            self.vision.embed_dim, c, a.rank, a.image_tokens, a.pool, grid=True
+            self.vision.embed_dim, c, a.rank, a.image_tokens, a.pool, True, a.position_embed
         )
-        self.audio_adapter = MediaAdapter(self.audio.embed_dim, c, a.rank, a.audio_tokens, a.pool)
+        self.audio_adapter = MediaAdapter(
+            self.audio.embed_dim, c, a.rank, a.audio_tokens, a.pool, False, a.position_embed
+        )
         # ITM: matched / not matched from the fused [media; text] sequence (ALBEF)
         self.itm_head = nn.Linear(c, 2)
+        # ALBEF's split: with text_encoder_layers > 0, ITC's text side is its own stack and the
+        # decoder only fuses and writes; None: the decoder encodes text for ITC too
+        enc = cfg.text_encoder_config()
+        self.text_encoder = GLMDecoder(enc) if enc is not None else None
 
     # -- contrastive space ---------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -86,11 +92,18 @@ class AutoGLMModel(nn.Module):
     def encode_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True
     ) -> torch.Tensor:
-        hidden = self.text.forward_features(
+        encoder = self.itc_text_tower
+        hidden = encoder.forward_features(
             input_ids, attention_mask, mode=AttentionMode.BIDIRECTIONAL
         )  # (B, T, C)
-        z = self.text_proj(self.text.forward_head(hidden, attention_mask, self.cfg.text_pool))
+        z = self.text_proj(encoder.forward_head(hidden, attention_mask, self.cfg.text_pool))
         return F.normalize(z, dim=-1) if normalize else z
+
+    @property
+    def itc_text_tower(self) -> GLMDecoder:
+        """What encodes text for ITC: the separate text encoder if there is one, else the decoder
+        (its ``aux_loss()`` holds the MoE terms of the last :meth:`encode_text`)."""
+        return self.text if self.text_encoder is None else self.text_encoder
 
     def encode_media(self, modality: str, media: torch.Tensor, **kwargs) -> torch.Tensor:
         if modality == "image":

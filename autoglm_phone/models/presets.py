@@ -15,10 +15,14 @@ from autoglm_phone.config import TEXT_DECODERS, AdapterConfig, MultiModalConfig
 
 
 def autoglm_phone_tiny() -> MultiModalConfig:
-    """ViT-Ti/16 at 64 px, a 4-block audio transformer, a 4-layer 256-wide GLM decoder: 11.7M
-    parameters with the experiments' 1024-token vocabulary (taken from the tokenizer)."""
+    """ViT-Ti at 64 px with a convolutional stem, a 4-block audio transformer, a 4-layer
+    256-wide GLM decoder with MoE FFNs, media tokens with slot embeddings: 15.7M parameters with
+    the 409-token tokenizer the experiments train (the vocabulary comes from the tokenizer)."""
     return MultiModalConfig(
-        vision_encoder="vit-tiny", audio_encoder="audio-tiny", text_decoder="glm-tiny"
+        vision_encoder="vit-tiny-conv",
+        audio_encoder="audio-tiny",
+        text_decoder="glm-tiny",
+        adapter=AdapterConfig(position_embed=True),
     )
 
 
