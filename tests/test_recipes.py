@@ -282,3 +282,15 @@ def test_separate_text_encoder_splits_itc_from_the_fused_objectives(tmp_path, ca
         )
     )
     assert math.isfinite(itc["metrics"]["train/itc_image"])
+    # captioning from the split weights with the preset (no text encoder) leaves the encoder out
+    sft = run(
+        _cfg(
+            "caption_sft",
+            tmp_path / "sft",
+            cache_dir,
+            f"init_from={result['ckpt_path']}",
+            "trainer.fast_dev_run=2",
+        )
+    )
+    tuned, _ = read_model_state(sft["ckpt_path"])
+    assert not any(k.startswith("text_encoder.") for k in tuned)

@@ -19,6 +19,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -109,6 +110,16 @@ class PretrainModule(L.LightningModule):
         self.model = AutoGLMModel(MultiModalConfig.from_dict(model))
         if init_from:  # weights before LoRA wraps the layers (peft keeps them as base_layer)
             state, _ = read_model_state(init_from)
+            if self.model.text_encoder is None:  # a separate ITC text encoder (ALBEF split) is
+                # left behind when the new run has none: caption_sft from itm_mlm_pretrain
+                dropped = [k for k in state if k.startswith("text_encoder.")]
+                for k in dropped:
+                    del state[k]
+                if dropped:
+                    rank_zero_info(
+                        f"init_from={init_from}: the separate ITC text encoder "
+                        f"({len(dropped)} tensors) is not part of this model; not loaded"
+                    )
             missing, unexpected = self.model.load_state_dict(state, strict=False)
             if unexpected:
                 raise ValueError(f"init_from={init_from}: unexpected weights {unexpected[:5]}")
