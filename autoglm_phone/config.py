@@ -27,8 +27,9 @@ class VisionConfig:
     depth: Optional[int] = None  # None keeps the architecture's own depth (12 for ViT-tiny)
     drop_path_rate: float = 0.0
     pretrained_path: Optional[str] = None  # local timm/.safetensors/.pth file; never downloaded
-    # "patch": one linear patchify (ViT); "conv": log2(patch_size) stride-2 3x3 conv-BN-ReLU then
-    # a 1x1 projection (Xiao et al. 2021, "Early convolutions help transformers see better")
+    # "patch": one linear patchify (ViT); "conv": log2(patch_size) stride-2 3x3 convs (BN + ReLU
+    # between them) then a 1x1 projection (Xiao et al. 2021, "Early convolutions help
+    # transformers see better")
     stem: str = "patch"
 
     def __post_init__(self) -> None:

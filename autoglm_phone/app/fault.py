@@ -51,8 +51,7 @@ class FiniteLossGuard(Callback):
     state *before* the bad update (a later step would write NaN into every weight). The bad
     forward itself has already folded its activations into batch-norm running statistics (the
     conv stem's), so those buffers are copied before each step and put back before the save.
-    It is for
-    inspection: resume from ``last.ckpt``. The error names the global step and every logged
+    The checkpoint is for inspection: resume from ``last.ckpt``. The error names the global step and every logged
     ``train/`` term that is not finite. Under DDP the decision is shared, so all ranks stop.
     """
 
