@@ -106,13 +106,12 @@ def main() -> None:
                         sums[key + ("cos_itc",)] += cos
                     counts[key] += 1
 
-    rows = []
+    table: dict = {}  # "modality / part" -> {"<loss> <stat>": mean over batches}
     for (modality, part, k, stat), total in sorted(sums.items()):
-        rows.append((modality, part, k, stat, total / counts[(modality, part, k)]))
-    table: dict = {}
-    for modality, part, k, stat, value in rows:
-        table.setdefault(f"{modality} / {part}", {})[f"{k} {stat}"] = value
-    losses_seen = sorted({k for _, _, k, _, _ in rows})
+        table.setdefault(f"{modality} / {part}", {})[f"{k} {stat}"] = (
+            total / counts[(modality, part, k)]
+        )
+    losses_seen = sorted({key[2] for key in counts})
     columns = [f"{k} norm" for k in losses_seen] + [
         f"{k} cos_itc" for k in losses_seen if k != "itc"
     ]
