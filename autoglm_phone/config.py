@@ -180,6 +180,8 @@ class AdapterConfig:
     audio_tokens: int = 16  # decoder tokens per audio clip, whatever its length
     pool: str = "avg"  # "avg": adaptive average pooling; "attn": learned queries (CoCa pooler)
     position_embed: bool = False  # a learned embedding per media token slot (grid cell / time)
+    # the tower's pooled feature (ViT [CLS]; what ITC projects) as one more media token, first
+    summary_token: bool = False
 
     def __post_init__(self) -> None:
         if self.pool not in self.POOLS:

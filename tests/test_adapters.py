@@ -82,6 +82,29 @@ def test_position_embedding_tells_slots_apart():
     assert plain.position_embed is None and torch.allclose(plain(same), plain(same)[:, :1])
 
 
+def test_summary_token_puts_the_pooled_feature_first():
+    adapter = MediaAdapter(
+        in_dim=8,
+        out_dim=6,
+        rank=2,
+        num_tokens=4,
+        grid=True,
+        position_embed=True,
+        summary_token=True,
+    )
+    tokens, pooled = torch.randn(2, 16, 8), torch.randn(2, 8)
+    out = adapter(tokens, pooled)
+    assert adapter.num_tokens == 5 and out.shape == (2, 5, 6)
+    first = adapter.proj(pooled) + adapter.modality_embed + adapter.position_embed[0]
+    assert torch.allclose(out[:, 0], first, atol=1e-6)
+    # the pooled grid follows, unchanged by the extra slot
+    plain = MediaAdapter(in_dim=8, out_dim=6, rank=2, num_tokens=4, grid=True)
+    plain.load_state_dict({k: v for k, v in adapter.state_dict().items() if k != "position_embed"})
+    assert torch.allclose(out[:, 1:] - adapter.position_embed[1:], plain(tokens), atol=1e-6)
+    with pytest.raises(ValueError, match="summary_token"):
+        adapter(tokens)
+
+
 def test_adapter_config_validation():
     assert AdapterConfig(pool="attn", image_tokens=10).image_tokens == 10  # any count with attn
     with pytest.raises(ValueError, match="square"):

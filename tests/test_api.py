@@ -224,6 +224,25 @@ def test_prefix_layout(tiny, tokenizer):
     assert torch.equal(row[1 : k_img + 1], tiny.embed_image(images)[1])
 
 
+def test_summary_token_leads_the_media_block(tokenizer):
+    torch.manual_seed(0)
+    cfg = {**SHALLOW, "adapter": {"summary_token": True}}
+    model = AutoGLMModel.from_pretrained("autoglm-phone-tiny", cfg, tokenizer=tokenizer).eval()
+    images, audio = _media()
+    for modality, media in (("image", images), ("audio", audio)):
+        k = getattr(model.cfg.adapter, f"{modality}_tokens")
+        with torch.no_grad():
+            _, block = model.encode_media_tokens(modality, media, 8000)
+        assert block.shape[1] == k + 3  # <begin> summary, k tokens <end>
+    with torch.no_grad():
+        out = model.vision(images)
+        adapter = model.vision_adapter
+        expected = adapter.proj(out.pooled) + adapter.modality_embed + adapter.position_embed[0]
+        _, block = model.encode_media_tokens("image", images)
+    assert torch.allclose(block[:, 1], expected, atol=1e-5)
+    assert torch.allclose(block[:, 1:-1], model.embed_image(images), atol=1e-6)
+
+
 def test_changing_the_image_changes_only_its_tokens(tiny):
     (images, audio), (other, _) = _media(0), _media(1)
     ids = torch.randint(20, 300, (2, 3))

@@ -14,7 +14,12 @@ from conftest import ROOT, SMALL_DATA
 from lightning.pytorch.callbacks import Callback
 from test_configs import EXPERIMENTS, compose_train
 
-from autoglm_phone.app.eval_tasks import captioning_scores
+from autoglm_phone.app.eval_tasks import (
+    RERANK_WEIGHTS,
+    captioning_scores,
+    fit_rerank_weight,
+    rerank_metrics,
+)
 from autoglm_phone.app.evaluate import load_checkpoint
 from autoglm_phone.app.module import read_model_state
 from autoglm_phone.app.train import build, run
@@ -214,6 +219,26 @@ def test_eval_reports_fused_metrics(base_ckpt, cache_dir, tmp_path):
         rerank = fused[f"{m}->text itm-rerank@4"]
         # re-ranking only reorders the ITC top 4, so recall at 5 and 10 cannot change
         assert rerank["R@5"] == rerank["itc_R@5"] and rerank["R@10"] == rerank["itc_R@10"]
+        assert rerank["itm_weight"] in RERANK_WEIGHTS  # fitted on the validation split
+
+
+def test_rerank_weight_is_fitted_to_what_the_itm_head_knows():
+    keys = [0, 1, 2, 3]
+    itc = torch.tensor([[1.0, 2.0, 0.0, 0.0]]).repeat(4, 1)  # ITC ranks item 1 first for all
+    top = itc.topk(2, dim=1).indices  # (4, 2): items 1 then 0
+
+    def direction(itm: torch.Tensor) -> dict:
+        return {"itc": itc, "top": top, "itm": itm, "query_keys": keys, "gallery_keys": keys}
+
+    right = (top == torch.tensor(keys)[:, None]).float() * 8 - 4  # ITM log-odds: +4 on the match
+    scores = {"a->b": direction(right)}
+    weight = fit_rerank_weight(scores)
+    assert weight > 0
+    report = rerank_metrics(scores, weight)["a->b itm-rerank@2"]
+    assert report["itc_R@1"] == 25.0 and report["R@1"] == 50.0  # queries 0 and 1 fixed
+    assert report["itm_weight"] == weight
+    # an ITM head that prefers the wrong candidate is given no say
+    assert fit_rerank_weight({"a->b": direction(-right)}) == 0.0
 
 
 def test_captioning_scores_parse_answers():

@@ -4,8 +4,10 @@
   each caption's negative item are drawn (seeded) from the ITC similarity as in training, so
   chance is 50% on the balanced accuracy reported beside the plain one.
 - ``rerank``: retrieval where the ITC top-``k`` of every query are re-scored by
-  ``ITM log-odds + ITC logit`` (ALBEF/BLIP re-rank the ITC top-k with the ITM head; BLIP adds the
-  two scores, as here) and placed, in that order, above every other candidate.
+  ``ITC logit + w * ITM log-odds`` and placed, in that order, above every other candidate
+  (ALBEF/BLIP re-rank the ITC top-k with the ITM head; BLIP adds the two scores, ``w = 1``).
+  ``eval.py`` fits ``w`` per modality on the validation split (:func:`fit_rerank_weight`, a
+  grid from 0, plain ITC, to 8) and reports the test split with it.
 - ``mlm``: masked-token accuracy (seeded BERT masking of 15% of caption tokens, media visible)
   beside the unigram baseline: always answering the token most frequent among these very
   targets, the best any context-free guess can do in hindsight.
@@ -67,8 +69,10 @@ def fused_report(
     seed: int = 0,
     max_new_tokens: int = 32,
     batch_size: int = 256,
+    rerank_weight: float | None = None,
 ) -> dict[str, dict[str, float]]:
-    """The ``tasks`` (any of :data:`FUSED_TASKS`) for one modality's loader."""
+    """The ``tasks`` (any of :data:`FUSED_TASKS`) for one modality's loader; re-ranking weighs
+    the ITM log-odds by ``rerank_weight`` (None: 1, BLIP's plain sum)."""
     unknown = set(tasks) - set(FUSED_TASKS)
     if unknown:
         raise ValueError(f"unknown eval tasks {sorted(unknown)}; available: {FUSED_TASKS}")
@@ -91,10 +95,7 @@ def fused_report(
         text = model.encode_text(ids, am)
         scale = model.logit_scale.clamp(max=4.6052).exp()
         if "rerank" in tasks:
-            for key, value in (("media", media), ("text", text), ("block", block), ("ids", ids)):
-                store[key].append(value)
-            store["am"].append(am)
-            store["keys"].append(batch["caption_id"])
+            _keep_for_rerank(store, media, text, block, batch)
         if "itm" in tasks:
             keys = batch["caption_id"]
             sim = scale * media @ text.T
@@ -165,8 +166,34 @@ def fused_report(
     if "captioning" in tasks:
         report[f"{modality} captioning"] = captioning_scores(modality, store["answers"])
     if "rerank" in tasks:
-        report.update(rerank_report(model, store, modality, k, batch_size))
+        scores = rerank_scores(model, store, modality, k, batch_size)
+        report.update(rerank_metrics(scores, 1.0 if rerank_weight is None else rerank_weight))
     return report
+
+
+def _keep_for_rerank(store: dict[str, list], media, text, block, batch) -> None:
+    for key, value in (
+        ("media", media),
+        ("text", text),
+        ("block", block),
+        ("ids", batch["input_ids"]),
+        ("am", batch["attention_mask"]),
+        ("keys", batch["caption_id"]),
+    ):
+        store[key].append(value)
+
+
+@torch.no_grad()
+def fit_rerank_weight_on(
+    model: AutoGLMModel, loader, modality: str, k: int = 16, batch_size: int = 256
+) -> float:
+    """:func:`fit_rerank_weight` on ``loader`` (the validation split)."""
+    store: dict[str, list] = defaultdict(list)
+    for batch in tqdm(loader, desc=f"fit re-rank weight {modality}", leave=False):
+        media, block = model.encode_media_tokens(modality, batch["media"])
+        text = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        _keep_for_rerank(store, media, text, block, batch)
+    return fit_rerank_weight(rerank_scores(model, store, modality, k, batch_size))
 
 
 def captioning_scores(modality: str, answers: list[tuple[str, str]]) -> dict[str, Any]:
@@ -191,10 +218,15 @@ def captioning_scores(modality: str, answers: list[tuple[str, str]]) -> dict[str
     }
 
 
-def rerank_report(
+RERANK_WEIGHTS = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # the grid ``fit_rerank_weight`` scans
+
+
+@torch.no_grad()
+def rerank_scores(
     model: AutoGLMModel, store: dict[str, list], modality: str, k: int, batch_size: int
-) -> dict[str, dict[str, float]]:
-    """ITC retrieval and ITM-re-ranked retrieval, both directions, over unique captions."""
+) -> dict[str, dict[str, Any]]:
+    """Per direction, the ITC logits of every query against the gallery of unique captions and
+    the ITM log-odds of each query's ITC top-``k``; ``rerank_metrics`` combines them."""
     media, text = torch.cat(store["media"]), torch.cat(store["text"])
     block = torch.cat(store["block"])
     ids, am = _pad_cat(store["ids"], 0), _pad_cat(store["am"], False)
@@ -205,29 +237,60 @@ def rerank_report(
     gallery_keys, cap = list(first), torch.tensor(list(first.values()))
     scale = model.logit_scale.clamp(max=4.6052).exp()
     sim = scale * media @ text[cap].T  # (N, G) ITC logits
-    report = {}
+    out = {}
     for name, s, q_keys, g_keys, pairs in (
         (f"{modality}->text", sim, keys, gallery_keys, lambda q, g: (q, cap[g])),
         (f"text->{modality}", sim.T, gallery_keys, keys, lambda q, g: (g, cap[q])),
     ):
-        kk = min(k, s.shape[1])
-        top = s.topk(kk, dim=1).indices  # (Q, k)
+        top = s.topk(min(k, s.shape[1]), dim=1).indices  # (Q, k)
         q_idx = torch.arange(s.shape[0])[:, None].expand_as(top).reshape(-1)
         m_idx, t_idx = pairs(q_idx, top.reshape(-1))
-        scores = []
+        itm = []
         for start in range(0, len(m_idx), batch_size):
             mi, ti = m_idx[start : start + batch_size], t_idx[start : start + batch_size]
             logits = model.itm_logits(*model.fuse(block[mi], ids[ti], am[ti]))
-            scores.append(logits[:, 1] - logits[:, 0])  # ITM log-odds of "matched"
-        combined = torch.cat(scores).view_as(top) + s.gather(1, top)
-        reranked = (s - 1e4).scatter(1, top, combined)  # the top-k first, in their new order
-        before, after = (
-            retrieval_metrics(s, q_keys, g_keys),
-            retrieval_metrics(reranked, q_keys, g_keys),
+            itm.append(logits[:, 1] - logits[:, 0])  # ITM log-odds of "matched"
+        out[name] = {
+            "itc": s,
+            "top": top,
+            "itm": torch.cat(itm).view_as(top),
+            "query_keys": q_keys,
+            "gallery_keys": g_keys,
+        }
+    return out
+
+
+def reranked(direction: dict[str, Any], weight: float) -> torch.Tensor:
+    """Scores with the ITC top-k first, ordered by ``ITC logit + weight * ITM log-odds``."""
+    s, top = direction["itc"], direction["top"]
+    combined = s.gather(1, top) + weight * direction["itm"]
+    return (s - 1e4).scatter(1, top, combined)
+
+
+def fit_rerank_weight(scores: dict[str, dict[str, Any]], grid=RERANK_WEIGHTS) -> float:
+    """The ``weight`` in ``grid`` with the best R@1 averaged over both directions (ties: the
+    smaller weight); meant for the validation split, applied to the test split."""
+
+    def r1(weight: float) -> float:
+        return sum(
+            retrieval_metrics(reranked(d, weight), d["query_keys"], d["gallery_keys"])["R@1"]
+            for d in scores.values()
         )
+
+    return max(grid, key=lambda w: (r1(w), -w))
+
+
+def rerank_metrics(scores: dict[str, dict[str, Any]], weight: float) -> dict[str, dict[str, float]]:
+    """ITC retrieval and ITM-re-ranked retrieval (``weight`` on the ITM log-odds)."""
+    report = {}
+    for name, d in scores.items():
+        q_keys, g_keys = d["query_keys"], d["gallery_keys"]
+        after = retrieval_metrics(reranked(d, weight), q_keys, g_keys)
+        before = retrieval_metrics(d["itc"], q_keys, g_keys)
         chance = chance_metrics(q_keys, g_keys)
-        report[f"{name} itm-rerank@{kk}"] = {
+        report[f"{name} itm-rerank@{d['top'].shape[1]}"] = {
             **after,
+            "itm_weight": weight,
             **{f"itc_{key}": v for key, v in before.items()},
             **{f"chance_{key}": v for key, v in chance.items()},
         }

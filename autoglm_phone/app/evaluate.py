@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from autoglm_phone.app.datamodule import MultiModalDataModule
-from autoglm_phone.app.eval_tasks import fused_report, tasks_for
+from autoglm_phone.app.eval_tasks import fit_rerank_weight_on, fused_report, tasks_for
 from autoglm_phone.app.module import build_model, read_model_state
 from autoglm_phone.app.schema import DataConfig
 from autoglm_phone.data.records import format_summary, summarize
@@ -197,9 +197,24 @@ def run(cfg: DictConfig, data_overrides: list[str] | None = None) -> dict[str, A
         print("captioning accuracy needs the embedded data's grammar: skipped (perplexity kept)")
     fused: dict[str, dict[str, Any]] = {}
     if tasks:
+        weights = {m: cfg.rerank_weight for m in data_cfg.modalities}
+        if "rerank" in tasks and cfg.rerank_weight is None and cfg.split == "test":
+            val = dm.val_dataloader()  # fitted on validation, reported on test
+            for modality, loader in zip(data_cfg.modalities, val, strict=True):
+                weights[modality] = fit_rerank_weight_on(model, loader, modality, cfg.rerank_k)
+            print(f"ITM re-rank weight fitted on the validation split: {weights}")
         for modality, loader in zip(data_cfg.modalities, loaders, strict=True):
             fused.update(
-                fused_report(model, tokenizer, loader, modality, tasks, cfg.rerank_k, cfg.seed)
+                fused_report(
+                    model,
+                    tokenizer,
+                    loader,
+                    modality,
+                    tasks,
+                    cfg.rerank_k,
+                    cfg.seed,
+                    rerank_weight=weights[modality],
+                )
             )
         print(format_fused(fused))
 

@@ -191,6 +191,8 @@ class EvalConfig:
     # checkpoint's objective trained for (autoglm_phone/app/eval_tasks.py)
     tasks: list[str] | None = None
     rerank_k: int = 16  # ITM re-ranks each query's ITC top-k
+    # re-ranked score = ITC logit + w * ITM log-odds; None: w fitted on the validation split
+    rerank_weight: float | None = None
 
 
 def _schema(cls: type) -> Any:

@@ -96,7 +96,9 @@ def build_token_pool(pool: str, dim: int, num_tokens: int, grid: bool = False) -
 class MediaAdapter(nn.Module):
     """Tower tokens ``(B, N, D)`` -> ``num_tokens`` decoder embeddings ``(B, K, C)``: pool, project
     at low rank, add the modality's learned embedding to every token and, with
-    ``position_embed``, a learned embedding per output slot."""
+    ``position_embed``, a learned embedding per output slot. With ``summary_token`` the tower's
+    pooled feature ``(B, D)`` (the one ITC projects) goes first, through the same projection:
+    ``(B, 1 + K, C)``, as ALBEF/BLIP's fusion layers see the ViT's [CLS] beside its patches."""
 
     def __init__(
         self,
@@ -107,18 +109,27 @@ class MediaAdapter(nn.Module):
         pool: str = "avg",
         grid: bool = False,
         position_embed: bool = False,
+        summary_token: bool = False,
     ) -> None:
         super().__init__()
-        self.num_tokens = num_tokens
+        self.summary_token = summary_token
+        self.num_tokens = num_tokens + int(summary_token)  # decoder tokens per item
         self.pool = build_token_pool(pool, in_dim, num_tokens, grid)
         self.proj = LowRankProjection(in_dim, out_dim, rank)
         self.modality_embed = nn.Parameter(torch.empty(out_dim))
         nn.init.normal_(self.modality_embed, std=0.02)  # the decoder's token-embedding scale
         self.position_embed = None
         if position_embed:
-            self.position_embed = nn.Parameter(torch.empty(num_tokens, out_dim))
+            self.position_embed = nn.Parameter(torch.empty(self.num_tokens, out_dim))
             nn.init.normal_(self.position_embed, std=0.02)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        out = self.proj(self.pool(tokens)) + self.modality_embed  # (B, K, C)
+    def forward(self, tokens: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.pool(tokens)  # (B, K, D)
+        if self.summary_token:
+            if pooled is None:
+                raise ValueError(
+                    "this adapter has summary_token=True: pass the tower's pooled feature"
+                )
+            x = torch.cat([pooled[:, None].to(x.dtype), x], dim=1)  # (B, 1 + K, D)
+        out = self.proj(x) + self.modality_embed
         return out if self.position_embed is None else out + self.position_embed

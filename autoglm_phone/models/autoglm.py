@@ -66,10 +66,24 @@ class AutoGLMModel(nn.Module):
         # built last, so the modules above draw the same initial weights as before they existed
         a, c = cfg.adapter, self.text.embed_dim
         self.vision_adapter = MediaAdapter(
-            self.vision.embed_dim, c, a.rank, a.image_tokens, a.pool, True, a.position_embed
+            self.vision.embed_dim,
+            c,
+            a.rank,
+            a.image_tokens,
+            a.pool,
+            True,
+            a.position_embed,
+            a.summary_token,
         )
         self.audio_adapter = MediaAdapter(
-            self.audio.embed_dim, c, a.rank, a.audio_tokens, a.pool, False, a.position_embed
+            self.audio.embed_dim,
+            c,
+            a.rank,
+            a.audio_tokens,
+            a.pool,
+            False,
+            a.position_embed,
+            a.summary_token,
         )
         # ITM: matched / not matched from the fused [media; text] sequence (ALBEF)
         self.itm_head = nn.Linear(c, 2)
@@ -144,7 +158,7 @@ class AutoGLMModel(nn.Module):
         else:
             raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
         features = F.normalize(proj(out.pooled), dim=-1)
-        return features, self._media_block(adapter(out.tokens), *marks)
+        return features, self._media_block(adapter(out.tokens, out.pooled), *marks)
 
     def fuse(
         self,
@@ -210,12 +224,15 @@ class AutoGLMModel(nn.Module):
         return self.itm_head(self.text.forward_head(hidden, mask, "mean"))
 
     def embed_image(self, images: torch.Tensor) -> torch.Tensor:
-        """Images ``(B, 3, H, W)`` -> ``adapter.image_tokens`` decoder embeddings ``(B, K, C)``."""
-        return self.vision_adapter(self.vision(images).tokens)
+        """Images ``(B, 3, H, W)`` -> decoder embeddings ``(B, K, C)``: ``adapter.image_tokens``,
+        plus one with ``adapter.summary_token``."""
+        out = self.vision(images)
+        return self.vision_adapter(out.tokens, out.pooled)
 
     def embed_audio(self, wave: torch.Tensor, sample_rate: int | None = None) -> torch.Tensor:
-        """Mono audio ``(B, samples)`` -> ``adapter.audio_tokens`` embeddings ``(B, K, C)``."""
-        return self.audio_adapter(self.audio(wave, sample_rate).tokens)
+        """Mono audio ``(B, samples)`` -> ``adapter.audio_tokens`` (+ summary) embeddings."""
+        out = self.audio(wave, sample_rate)
+        return self.audio_adapter(out.tokens, out.pooled)
 
     def _media_block(
         self, tokens: torch.Tensor, begin: int | None, end: int | None
