@@ -120,11 +120,11 @@ def test_summary_table_and_int4_convention(tiny, capsys):
     assert s.params == sum(p.numel() for p in tiny.parameters())
     # vision adapter: Linear 192 -> 64 and Linear 64 -> 256 at 4 bits + FP16 scale and zero
     # point per 128 inputs (a partial group counts whole); the up-projection's bias, the
-    # modality embedding (256 each) and the 16 slot embeddings (16 x 256) at FP16
+    # modality embedding (256 each) and the 17 slot embeddings (summary + 16 grid, x 256) at FP16
     row = next(r for r in s.rows if r.name == "vision_adapter")
     down = 64 * 192 / 2 + 4 * 64 * 2
     up = 256 * 64 / 2 + 4 * 256 * 1
-    assert row.bytes["int4"] == down + up + 2 * (256 + 256 + 16 * 256)
+    assert row.bytes["int4"] == down + up + 2 * (256 + 256 + 17 * 256)
     assert s.kv_cache_bytes == 2 * 2 * 2 * 64 * 128 * 2  # 2 layers, 2 KV heads of 64, FP16
 
 
@@ -209,7 +209,7 @@ def test_prefix_layout(tiny, tokenizer):
     ids = torch.tensor([[30, 31, 32, 33], [40, 41, 0, 0]])  # right-padded prompt
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]).bool()
     embeds, out_mask, lengths = tiny.build_prefix(images, audio, ids, mask, sample_rate=8000)
-    k_img, k_aud = tiny.cfg.adapter.image_tokens, tiny.cfg.adapter.audio_tokens
+    k_img, k_aud = tiny.vision_adapter.num_tokens, tiny.audio_adapter.num_tokens  # with summary
     media = 2 + k_img + 2 + k_aud
     assert embeds.shape == (2, media + 4, 256) and lengths.tolist() == [media + 4, media + 2]
     assert out_mask[1].tolist() == [False] * 2 + [True] * (media + 2)  # left-padded
@@ -224,10 +224,9 @@ def test_prefix_layout(tiny, tokenizer):
     assert torch.equal(row[1 : k_img + 1], tiny.embed_image(images)[1])
 
 
-def test_summary_token_leads_the_media_block(tokenizer):
-    torch.manual_seed(0)
-    cfg = {**SHALLOW, "adapter": {"summary_token": True}}
-    model = AutoGLMModel.from_pretrained("autoglm-phone-tiny", cfg, tokenizer=tokenizer).eval()
+def test_summary_token_leads_the_media_block(tiny):
+    model = tiny
+    assert model.cfg.adapter.summary_token  # the preset's
     images, audio = _media()
     for modality, media in (("image", images), ("audio", audio)):
         k = getattr(model.cfg.adapter, f"{modality}_tokens")
@@ -248,7 +247,7 @@ def test_changing_the_image_changes_only_its_tokens(tiny):
     ids = torch.randint(20, 300, (2, 3))
     a = tiny.build_prefix(images, audio, ids)[0]
     b = tiny.build_prefix(other, audio, ids)[0]
-    k = tiny.cfg.adapter.image_tokens
+    k = tiny.vision_adapter.num_tokens
     assert not torch.allclose(a[:, 1 : k + 1], b[:, 1 : k + 1])
     assert torch.equal(a[:, k + 1 :], b[:, k + 1 :])  # markers, audio and prompt unchanged
 

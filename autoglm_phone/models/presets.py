@@ -16,13 +16,14 @@ from autoglm_phone.config import TEXT_DECODERS, AdapterConfig, MultiModalConfig
 
 def autoglm_phone_tiny() -> MultiModalConfig:
     """ViT-Ti at 64 px with a convolutional stem, a 4-block audio transformer, a 4-layer
-    256-wide GLM decoder with MoE FFNs, media tokens with slot embeddings: 15.7M parameters with
-    the 409-token tokenizer the experiments train (the vocabulary comes from the tokenizer)."""
+    256-wide GLM decoder with MoE FFNs, media tokens with slot embeddings led by the tower's
+    pooled feature: 15.7M parameters with the 409-token tokenizer the experiments train (the
+    vocabulary comes from the tokenizer)."""
     return MultiModalConfig(
         vision_encoder="vit-tiny-conv",
         audio_encoder="audio-tiny",
         text_decoder="glm-tiny",
-        adapter=AdapterConfig(position_embed=True),
+        adapter=AdapterConfig(position_embed=True, summary_token=True),
     )
 
 
