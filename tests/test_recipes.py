@@ -21,7 +21,7 @@ from autoglm_phone.app.eval_tasks import (
     rerank_metrics,
 )
 from autoglm_phone.app.evaluate import load_checkpoint
-from autoglm_phone.app.module import read_model_state
+from autoglm_phone.app.module import lr_ratio_lookup, read_model_state
 from autoglm_phone.app.train import build, run
 from autoglm_phone.models.lora import lora_layers
 
@@ -107,6 +107,34 @@ def test_objectives_learn_on_a_fixed_batch(tmp_path, cache_dir):
     for name in ("itc", "mlm", "lm"):  # 2.2 -> 0.37, 6.0 -> 3.6, 6.0 -> 3.1 when written
         assert last[name] < 0.7 * first[name], (name, first[name], last[name])
     assert last["itm"] < min(first["itm"], math.log(2)) - 0.02  # binary: 0.72 -> 0.63
+
+
+def test_lr_ratios_scale_the_named_parts(tmp_path, cache_dir):
+    cfg = _cfg(
+        "itc_pretrain",
+        tmp_path,
+        cache_dir,
+        "+optim.lr_ratios.vision=3.0",
+        "+optim.lr_ratios.vision_adapter=0.5",
+        "trainer.fast_dev_run=2",
+        "model.vision.depth=1",
+    )
+    built = build(cfg)
+    built.trainer.fit(built.module, datamodule=built.datamodule)
+    groups = built.trainer.optimizers[0].param_groups
+    initial = {id(p): g["initial_lr"] for g in groups for p in g["params"]}
+    for name, p in built.module.model.named_parameters():
+        ratio = {"vision": 3.0, "vision_adapter": 0.5}.get(name.split(".")[0], 1.0)
+        assert initial[id(p)] == pytest.approx(3e-4 * ratio), name
+    # one schedule for all: every group is at the same share of its initial LR
+    assert len({round(g["lr"] / g["initial_lr"], 9) for g in groups}) == 1
+    ratio_of = lr_ratio_lookup({"vision": 3.0, "vision.vit.blocks": 0.5}, built.module.model)
+    assert ratio_of("vision.vit.blocks.0.mlp.fc1.weight") == 0.5  # the longest prefix wins
+    assert ratio_of("vision.vit.cls_token") == 3.0 and ratio_of("vision_proj.up.weight") == 1.0
+    with pytest.raises(ValueError, match="visoin"):
+        lr_ratio_lookup({"visoin": 2.0}, built.module.model)
+    with pytest.raises(ValueError, match="must be > 0"):
+        lr_ratio_lookup({"vision": 0.0}, built.module.model)
 
 
 def test_freeze_then_unfreeze(tmp_path, cache_dir, base_ckpt):

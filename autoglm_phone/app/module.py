@@ -13,6 +13,7 @@ rebuild without Hydra.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,27 @@ def upper_blocks(tower: nn.Module, n: int) -> list[nn.Module]:
     return blocks[-n:] + (
         [inner.norm] if isinstance(getattr(inner, "norm", None), nn.Module) else []
     )
+
+
+def lr_ratio_lookup(ratios: dict[str, float], model: nn.Module) -> Callable[[str], float]:
+    """``name -> LR multiplier`` from ``optim.lr_ratios`` (parameter-name prefixes, the longest
+    match wins, 1.0 otherwise); a prefix that names no parameter is an error."""
+    names = [n.replace("_fsdp_wrapped_module.", "") for n, _ in model.named_parameters()]
+    for prefix, ratio in ratios.items():
+        if not any(n == prefix or n.startswith(prefix + ".") for n in names):
+            tops = sorted({n.split(".")[0] for n in names})
+            raise ValueError(f"optim.lr_ratios: {prefix!r} names no parameter; top-level: {tops}")
+        if not ratio > 0:
+            raise ValueError(f"optim.lr_ratios.{prefix} must be > 0, got {ratio}")
+    by_length = sorted(ratios, key=len, reverse=True)
+
+    def ratio_of(name: str) -> float:
+        for prefix in by_length:
+            if name == prefix or name.startswith(prefix + "."):
+                return float(ratios[prefix])
+        return 1.0
+
+    return ratio_of
 
 
 class PretrainModule(L.LightningModule):
@@ -337,15 +359,21 @@ class PretrainModule(L.LightningModule):
         whose LR is 0 before their epoch and ``lr_ratio`` times the schedule after it."""
         o = self.hparams.optim
         later = {id(p) for mod in self._unfreeze_modules() for p in mod.parameters()}
-        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        ratio_of = lr_ratio_lookup(o.get("lr_ratios") or {}, self.model)
+        groups: dict[tuple[bool, bool, float], list[nn.Parameter]] = {}
         for name, p in self.model.named_parameters():
             if p.requires_grad or id(p) in later:
-                decay = name.replace("_fsdp_wrapped_module.", "") not in self._no_decay
-                groups.setdefault((id(p) in later, decay), []).append(p)
+                name = name.replace("_fsdp_wrapped_module.", "")
+                decay = name not in self._no_decay
+                groups.setdefault((id(p) in later, decay, ratio_of(name)), []).append(p)
         keys = sorted(groups)
         opt = torch.optim.AdamW(
             [
-                {"params": groups[k], "weight_decay": o["weight_decay"] if k[1] else 0.0}
+                {
+                    "params": groups[k],
+                    "weight_decay": o["weight_decay"] if k[1] else 0.0,
+                    "lr": o["lr"] * k[2],  # LambdaLR scales each group's own initial LR
+                }
                 for k in keys
             ],
             lr=o["lr"],

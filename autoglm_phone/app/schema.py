@@ -62,6 +62,9 @@ class OptimConfig:
     eps: float = 1e-6
     warmup_ratio: float = 0.05  # share of total steps spent in linear warm-up
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    # LR multipliers by parameter-name prefix, e.g. {vision: 3.0, vision_adapter: 2.0}: the
+    # longest matching prefix wins, the rest train at lr (`python train.py +optim.lr_ratios.vision=3`)
+    lr_ratios: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
