@@ -97,16 +97,20 @@ def test_objectives_learn_on_a_fixed_batch(tmp_path, cache_dir):
     opt = torch.optim.AdamW(module.parameters(), lr=3e-4)
     torch.manual_seed(0)
     history = []
-    for _ in range(30):
+    for _ in range(60):
         losses, _, _ = module._objectives(batch)
         history.append({k: v.item() for k, v in losses.items()})
         opt.zero_grad()
         module._total(losses).backward()
         opt.step()
     first, last = history[0], history[-1]
-    for name in ("itc", "mlm", "lm"):  # 2.2 -> 0.37, 6.0 -> 3.6, 6.0 -> 3.1 when written
+    for name in ("itc", "mlm", "lm"):  # 2.5 -> 0.2, 6.1 -> 2.3, 6.1 -> 0.5 when written
         assert last[name] < 0.7 * first[name], (name, first[name], last[name])
-    assert last["itm"] < min(first["itm"], math.log(2)) - 0.02  # binary: 0.72 -> 0.63
+    # ITM sees 1 positive : 2 negatives, so knowing only that prior gives H(1/3) = 0.637 nats;
+    # fresh hard negatives each step make it slower than the rest (0.64 -> ~0.5 by step 55)
+    prior = math.log(3) - 2 / 3 * math.log(2)
+    late = sum(h["itm"] for h in history[-5:]) / 5
+    assert late < prior - 0.05, [round(h["itm"], 3) for h in history]
 
 
 def test_lr_ratios_scale_the_named_parts(tmp_path, cache_dir):
