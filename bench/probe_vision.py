@@ -51,7 +51,7 @@ def features(model, images, batch_size: int = 250) -> dict[str, torch.Tensor]:
         tower = model.vision(x)
         out["pooled"].append(tower.pooled)
         out["tokens"].append(tower.tokens.flatten(1))
-        out["adapter"].append(model.vision_adapter(tower.tokens).flatten(1))
+        out["adapter"].append(model.vision_adapter(tower.tokens, tower.pooled).flatten(1))
     return {site: torch.cat(parts).float() for site, parts in out.items()}
 
 

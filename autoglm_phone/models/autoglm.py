@@ -70,20 +70,20 @@ class AutoGLMModel(nn.Module):
             c,
             a.rank,
             a.image_tokens,
-            a.pool,
-            True,
-            a.position_embed,
-            a.summary_token,
+            pool=a.pool,
+            grid=True,
+            position_embed=a.position_embed,
+            summary_token=a.summary_token,
         )
         self.audio_adapter = MediaAdapter(
             self.audio.embed_dim,
             c,
             a.rank,
             a.audio_tokens,
-            a.pool,
-            False,
-            a.position_embed,
-            a.summary_token,
+            pool=a.pool,
+            grid=False,
+            position_embed=a.position_embed,
+            summary_token=a.summary_token,
         )
         # ITM: matched / not matched from the fused [media; text] sequence (ALBEF)
         self.itm_head = nn.Linear(c, 2)
