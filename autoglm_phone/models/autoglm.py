@@ -65,26 +65,17 @@ class AutoGLMModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
         # built last, so the modules above draw the same initial weights as before they existed
         a, c = cfg.adapter, self.text.embed_dim
+        shared = dict(
+            out_dim=c,
+            rank=a.rank,
+            pool=a.pool,
+            position_embed=a.position_embed,
+            summary_token=a.summary_token,
+        )
         self.vision_adapter = MediaAdapter(
-            self.vision.embed_dim,
-            c,
-            a.rank,
-            a.image_tokens,
-            pool=a.pool,
-            grid=True,
-            position_embed=a.position_embed,
-            summary_token=a.summary_token,
+            self.vision.embed_dim, num_tokens=a.image_tokens, grid=True, **shared
         )
-        self.audio_adapter = MediaAdapter(
-            self.audio.embed_dim,
-            c,
-            a.rank,
-            a.audio_tokens,
-            pool=a.pool,
-            grid=False,
-            position_embed=a.position_embed,
-            summary_token=a.summary_token,
-        )
+        self.audio_adapter = MediaAdapter(self.audio.embed_dim, num_tokens=a.audio_tokens, **shared)
         # ITM: matched / not matched from the fused [media; text] sequence (ALBEF)
         self.itm_head = nn.Linear(c, 2)
         # ALBEF's split: with text_encoder_layers > 0, ITC's text side is its own stack and the
