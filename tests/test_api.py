@@ -225,21 +225,20 @@ def test_prefix_layout(tiny, tokenizer):
 
 
 def test_summary_token_leads_the_media_block(tiny):
-    model = tiny
-    assert model.cfg.adapter.summary_token  # the preset's
+    assert tiny.cfg.adapter.summary_token  # the preset's
     images, audio = _media()
     for modality, media in (("image", images), ("audio", audio)):
-        k = getattr(model.cfg.adapter, f"{modality}_tokens")
+        k = getattr(tiny.cfg.adapter, f"{modality}_tokens")
         with torch.no_grad():
-            _, block = model.encode_media_tokens(modality, media, 8000)
+            _, block = tiny.encode_media_tokens(modality, media, 8000)
         assert block.shape[1] == k + 3  # <begin> summary, k tokens <end>
     with torch.no_grad():
-        out = model.vision(images)
-        adapter = model.vision_adapter
+        out = tiny.vision(images)
+        adapter = tiny.vision_adapter
         expected = adapter.proj(out.pooled) + adapter.modality_embed + adapter.position_embed[0]
-        _, block = model.encode_media_tokens("image", images)
+        _, block = tiny.encode_media_tokens("image", images)
     assert torch.allclose(block[:, 1], expected, atol=1e-5)
-    assert torch.allclose(block[:, 1:-1], model.embed_image(images), atol=1e-6)
+    assert torch.allclose(block[:, 1:-1], tiny.embed_image(images), atol=1e-6)
 
 
 def test_changing_the_image_changes_only_its_tokens(tiny):

@@ -95,12 +95,21 @@ def upper_blocks(tower: nn.Module, n: int) -> list[nn.Module]:
     )
 
 
+def plain_name(name: str) -> str:
+    """A parameter's name without FSDP's wrapper segments (the name the config speaks of)."""
+    return name.replace("_fsdp_wrapped_module.", "")
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
 def lr_ratio_lookup(ratios: dict[str, float], model: nn.Module) -> Callable[[str], float]:
     """``name -> LR multiplier`` from ``optim.lr_ratios`` (parameter-name prefixes, the longest
     match wins, 1.0 otherwise); a prefix that names no parameter is an error."""
-    names = [n.replace("_fsdp_wrapped_module.", "") for n, _ in model.named_parameters()]
+    names = [plain_name(n) for n, _ in model.named_parameters()]
     for prefix, ratio in ratios.items():
-        if not any(n == prefix or n.startswith(prefix + ".") for n in names):
+        if not any(_under(n, prefix) for n in names):
             tops = sorted({n.split(".")[0] for n in names})
             raise ValueError(f"optim.lr_ratios: {prefix!r} names no parameter; top-level: {tops}")
         if not ratio > 0:
@@ -108,10 +117,7 @@ def lr_ratio_lookup(ratios: dict[str, float], model: nn.Module) -> Callable[[str
     by_length = sorted(ratios, key=len, reverse=True)
 
     def ratio_of(name: str) -> float:
-        for prefix in by_length:
-            if name == prefix or name.startswith(prefix + "."):
-                return float(ratios[prefix])
-        return 1.0
+        return next((float(ratios[p]) for p in by_length if _under(name, p)), 1.0)
 
     return ratio_of
 
@@ -363,7 +369,7 @@ class PretrainModule(L.LightningModule):
         groups: dict[tuple[bool, bool, float], list[nn.Parameter]] = {}
         for name, p in self.model.named_parameters():
             if p.requires_grad or id(p) in later:
-                name = name.replace("_fsdp_wrapped_module.", "")
+                name = plain_name(name)
                 decay = name not in self._no_decay
                 groups.setdefault((id(p) in later, decay, ratio_of(name)), []).append(p)
         keys = sorted(groups)
