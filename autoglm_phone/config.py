@@ -331,6 +331,12 @@ class MultiModalConfig:
             raise ValueError(f"text_encoder_layers must be >= 0, got {self.text_encoder_layers}")
         if self.quantize not in QUANTIZE:
             raise ValueError(f"quantize must be one of {QUANTIZE}, got {self.quantize!r}")
+        if self.text.memory.enabled:
+            # refused rather than ignored: AutoGLMModel builds a plain GLMDecoder
+            raise ValueError(
+                "text.memory.enabled=True: memory attention is not yet part of AutoGLMModel "
+                "(models/memory.py's MemoryGLMDecoder uses it on its own); set it to false"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
