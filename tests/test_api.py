@@ -263,3 +263,5 @@ def test_generate_from_a_multimodal_prefix(tiny):
     g = torch.Generator().manual_seed(0)
     sampled = tiny.generate(audio=audio, max_new_tokens=4, do_sample=True, top_k=5, generator=g)
     assert sampled.shape[0] == 2 and sampled.shape[1] <= 4
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        tiny.generate(images=images, max_new_tokens=-3)

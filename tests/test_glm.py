@@ -7,6 +7,7 @@ import torch
 from transformers import Glm4Config, Glm4ForCausalLM
 
 from autoglm_phone.config import DecoderConfig, MemoryConfig, MoEConfig
+from autoglm_phone.models import glm
 from autoglm_phone.models.convert import (
     GLM4_DEFAULTS,
     decoder_config_from_glm4,
@@ -14,7 +15,7 @@ from autoglm_phone.models.convert import (
     load_glm4,
     save_glm4,
 )
-from autoglm_phone.models.generation import LayerKVCache, filter_logits
+from autoglm_phone.models.generation import KVCache, LayerKVCache, filter_logits
 from autoglm_phone.models.glm import (
     GLMDecoder,
     SwiGLU,
@@ -320,11 +321,83 @@ def test_generate_rejects_bad_inputs(lm):
         lm.generate(ids, mode="bidirectional")
     with pytest.raises(ValueError, match="max_seq_len"):
         lm.generate(ids, max_new_tokens=SMALL_TEXT.max_seq_len)
-    assert lm.generate(ids, max_new_tokens=0).shape == (3, 0)
     cache = LayerKVCache(1, 2, 3, 4)
     cache.update(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4))
     with pytest.raises(ValueError, match="overflow"):
         cache.update(torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1, 4))
+
+
+@pytest.mark.parametrize(
+    "kwargs, culprit",
+    [
+        ({"max_new_tokens": -3}, "max_new_tokens"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens"),
+        ({"top_k": -1}, "top_k"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"do_sample": True, "temperature": 0.0}, "temperature"),
+        ({"do_sample": True, "temperature": -1.0}, "temperature"),
+    ],
+)
+def test_generate_rejects_bad_decoding_arguments(lm, kwargs, culprit):
+    """Refused by name, by generate and by stream before its first step is asked for."""
+    ids, mask = _padded_batch("left")
+    with pytest.raises(ValueError, match=culprit):
+        lm.generate(ids, attention_mask=mask, **kwargs)
+    with pytest.raises(ValueError, match=culprit):
+        lm.stream(ids, attention_mask=mask, **kwargs)
+    if culprit == "temperature":  # greedy decoding ignores the temperature
+        assert lm.generate(ids, attention_mask=mask, max_new_tokens=2, temperature=0.0).shape[1]
+
+
+def test_kv_cache_grows_in_place_of_preallocating(lm, monkeypatch):
+    """The cache holds what was generated, not prompt + max_new_tokens; outputs are unchanged."""
+    caches = []
+    from_config = KVCache.from_config
+
+    def recording(cls, *args, **kwargs):
+        caches.append(from_config(*args, **kwargs))
+        return caches[-1]
+
+    monkeypatch.setattr(KVCache, "from_config", classmethod(recording))
+    monkeypatch.setattr(glm, "KV_BLOCK", 4)  # a small first block, so a short test grows it
+    ids, mask = _padded_batch("left")
+    first = lm.generate(ids, attention_mask=mask, max_new_tokens=1)[:, 0].tolist()
+    big = SMALL_TEXT.max_seq_len - ids.shape[1]
+    got = lm.generate(ids, attention_mask=mask, max_new_tokens=big, stop_token_ids=first)
+    assert got.shape == (3, 1)
+    assert caches[-1].length == ids.shape[1] and caches[-1][0].max_len == SMALL_TEXT.max_seq_len
+    assert caches[-1][0].capacity == ids.shape[1] + 4  # not 8192 positions
+    steps = 20  # 7 + 19 cached positions: the cache grows twice
+    got = lm.generate(ids, attention_mask=mask, max_new_tokens=steps)
+    assert caches[-1][0].capacity == ids.shape[1] + steps  # 11 -> 22 -> 27 (never past it)
+    assert torch.equal(got, _greedy_recompute(lm, ids, mask, "prefix", steps))
+    gen = torch.Generator().manual_seed(5)
+    sampled = lm.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=True,
+                          generator=gen)  # fmt: skip
+    monkeypatch.setattr(KVCache, "from_config", classmethod(_preallocated(from_config)))
+    gen = torch.Generator().manual_seed(5)
+    assert torch.equal(
+        sampled,
+        lm.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=True, generator=gen),
+    )
+
+
+def _preallocated(from_config):
+    """``KVCache.from_config`` allocating every position up front (the former behaviour)."""
+    return lambda cls, *args, capacity=None, **kwargs: from_config(*args, **kwargs)
+
+
+def test_layer_kv_cache_growth_keeps_values():
+    cache = LayerKVCache(2, 1, 10, 3, capacity=2)
+    k = torch.arange(2 * 7 * 3, dtype=torch.float).reshape(2, 1, 7, 3)
+    for step in range(7):
+        got, _ = cache.update(k[:, :, step : step + 1], -k[:, :, step : step + 1])
+        assert torch.equal(got, k[:, :, : step + 1])
+    assert (cache.capacity, cache.length) == (8, 7)  # 2 -> 4 -> 8
+    cache.update(k[:, :, :3], k[:, :, :3])
+    assert cache.capacity == 10  # never past max_len
 
 
 # --- pluggable FFN ------------------------------------------------------------------------------

@@ -31,7 +31,13 @@ from einops import rearrange
 from torch import nn
 
 from autoglm_phone.config import DecoderConfig
-from autoglm_phone.models.generation import KVCache, LayerKVCache, sample_next_token
+from autoglm_phone.models.generation import (
+    KV_BLOCK,
+    KVCache,
+    LayerKVCache,
+    check_generation_args,
+    sample_next_token,
+)
 
 
 class AttentionMode(str, Enum):
@@ -333,7 +339,6 @@ class GLMDecoder(nn.Module):
             if isinstance(getattr(layer.mlp, "stats", None), dict)
         }
 
-    @torch.no_grad()
     def stream(
         self,
         input_ids: torch.Tensor | None = None,
@@ -355,8 +360,34 @@ class GLMDecoder(nn.Module):
         ``attention_mask`` says) is encoded once: in ``"prefix"`` mode bidirectionally (GLM), in
         ``"causal"`` mode causally. Each generated token then attends causally to everything
         before it. A row that emits one of ``stop_token_ids`` emits ``cfg.pad_token_id`` after it;
-        decoding ends after ``max_new_tokens`` steps or once every row has stopped.
+        decoding ends after ``max_new_tokens`` steps or once every row has stopped. Arguments are
+        checked here, before the first step is asked for.
         """
+        check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p)
+        return self._decode(
+            input_ids,
+            inputs_embeds,
+            attention_mask,
+            max_new_tokens,
+            dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p),
+            stop_token_ids,
+            mode,
+            generator,
+        )
+
+    @torch.no_grad()
+    def _decode(
+        self,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        max_new_tokens: int,
+        sampling: dict,
+        stop_token_ids: Sequence[int],
+        mode: AttentionMode | str,
+        generator: torch.Generator | None,
+    ) -> Iterator[torch.Tensor]:
+        """:meth:`stream`'s loop, on checked arguments."""
         mode = AttentionMode(mode)
         if mode is AttentionMode.BIDIRECTIONAL:
             raise ValueError("generation needs mode 'prefix' or 'causal', not 'bidirectional'")
@@ -373,7 +404,9 @@ class GLMDecoder(nn.Module):
         if (padding.long().cummax(-1).values != padding.long()).any():
             raise ValueError("generation needs left-padded prompts (no padding after a real token)")
         prefix_lengths = padding.sum(-1) if mode is AttentionMode.PREFIX else None  # whole prompt
-        cache = KVCache.from_config(self.cfg, b, t + max_new_tokens, dtype=x.dtype, device=x.device)
+        cache = KVCache.from_config(
+            self.cfg, b, t + max_new_tokens, capacity=t + KV_BLOCK, dtype=x.dtype, device=x.device
+        )  # grows as tokens come, up to t + max_new_tokens
         stop = torch.tensor(list(stop_token_ids), dtype=torch.long, device=x.device)
         done = torch.zeros(b, dtype=torch.bool, device=x.device)
         for _ in range(max_new_tokens):
@@ -385,14 +418,7 @@ class GLMDecoder(nn.Module):
                 cache=cache,
             )  # (B, T_new, C)
             logits = self.lm_head(hidden[:, -1])  # (B, V)
-            token = sample_next_token(
-                logits,
-                do_sample=do_sample,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                generator=generator,
-            )  # (B,)
+            token = sample_next_token(logits, **sampling, generator=generator)  # (B,)
             token = token.masked_fill(done, self.cfg.pad_token_id)
             done = done | torch.isin(token, stop)
             yield token
@@ -432,7 +458,4 @@ class GLMDecoder(nn.Module):
                 generator=generator,
             )
         )
-        if not steps:
-            ref = input_ids if input_ids is not None else inputs_embeds
-            return torch.zeros(ref.shape[0], 0, dtype=torch.long, device=ref.device)
-        return torch.stack(steps, dim=1)  # (B, N)
+        return torch.stack(steps, dim=1)  # (B, N), N >= 1
