@@ -116,6 +116,49 @@ class MemoryConfig:
 
 
 @dataclass
+class RopeScalingConfig:
+    """RoPE frequency scaling, with the names and meaning of transformers' ``rope_parameters``
+    (``modeling_rope_utils.ROPE_INIT_FUNCTIONS``, which computes the frequencies): ``"linear"``
+    (position interpolation, Chen et al. 2023), ``"yarn"`` (Peng et al. 2023) and ``"llama3"``;
+    ``"default"`` is unscaled RoPE. Fields a type does not read stay ``None``. Types whose
+    frequencies change with the sequence length (``dynamic``, ``longrope``) are not supported."""
+
+    TYPES = ("default", "linear", "yarn", "llama3")
+    REQUIRED = {"linear": ("factor",), "yarn": ("factor",), "llama3": ("factor", "low_freq_factor",
+                "high_freq_factor")}  # fmt: skip
+
+    rope_type: str = "default"
+    factor: Optional[float] = None  # context extension factor
+    # yarn, llama3: the pre-training context (None: text.max_seq_len, as transformers defaults it)
+    original_max_position_embeddings: Optional[int] = None
+    attention_factor: Optional[float] = None  # yarn: cos/sin scale (None: from factor)
+    beta_fast: Optional[float] = None  # yarn: ramp bounds in rotations (None: 32 and 1)
+    beta_slow: Optional[float] = None
+    mscale: Optional[float] = None  # yarn, DeepSeek style attention_factor
+    mscale_all_dim: Optional[float] = None
+    truncate: Optional[bool] = None  # yarn: round the ramp bounds (None: True)
+    low_freq_factor: Optional[float] = None  # llama3
+    high_freq_factor: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in self.TYPES:
+            raise ValueError(
+                f"text.rope_scaling.rope_type={self.rope_type!r} is not supported; GLMDecoder "
+                f"implements {', '.join(self.TYPES)}"
+            )
+        missing = [k for k in self.REQUIRED.get(self.rope_type, ()) if getattr(self, k) is None]
+        if missing:
+            raise ValueError(
+                f"text.rope_scaling.rope_type={self.rope_type!r} needs "
+                + ", ".join(f"text.rope_scaling.{k}" for k in missing)
+            )
+
+    def parameters(self) -> dict[str, Any]:
+        """The fields that are set, as transformers' ``rope_parameters`` keys."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
 class DecoderConfig:
     """GLM-4-shaped decoder (RoPE, GQA, RMSNorm with post-norms, fused SwiGLU)."""
 
@@ -135,10 +178,15 @@ class DecoderConfig:
     max_seq_len: int = 8192
     tie_word_embeddings: bool = False
     pad_token_id: int = 0
+    bos_token_id: Optional[int] = None  # kept for GLM-4 checkpoints (``models/convert.py``)
+    eos_token_ids: list[int] = field(default_factory=list)  # GLM-4 has several
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = from_dict(RopeScalingConfig, self.rope_scaling)
         if isinstance(self.moe, dict):
             self.moe = from_dict(MoEConfig, self.moe)
         if isinstance(self.memory, dict):

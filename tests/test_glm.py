@@ -1,12 +1,13 @@
 """GLM decoder: parity with transformers' GLM-4, conversion, attention masks, cached generation."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
 from transformers import Glm4Config, Glm4ForCausalLM
 
-from autoglm_phone.config import DecoderConfig, MemoryConfig, MoEConfig
+from autoglm_phone.config import DecoderConfig, MemoryConfig, MoEConfig, RopeScalingConfig
 from autoglm_phone.models import glm
 from autoglm_phone.models.convert import (
     GLM4_DEFAULTS,
@@ -123,6 +124,60 @@ def test_save_glm4_loads_in_transformers(tmp_path):
     assert load_glm4(tmp_path).cfg == cfg  # and the round trip keeps the config
 
 
+ROPE_CASES = {
+    "linear": {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}},
+    "yarn": {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 500.0,
+                                 "original_max_position_embeddings": 8, "beta_fast": 8.0}},
+    "llama3": {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 500.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 8}},
+    # transformers lets rope_scaling replace rope_parameters, rope_theta included
+    "rope_scaling_beside": {"rope_parameters": {"rope_type": "default", "rope_theta": 500.0},
+                            "rope_scaling": {"type": "linear", "factor": 3.0}},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(ROPE_CASES))
+def test_load_glm4_applies_rope_scaling_as_transformers(case, tmp_path):
+    """A config.json with scaled RoPE: our logits are transformers', before and after save_glm4."""
+    hf_folder = tmp_path / "hf"
+    _randomize(Glm4ForCausalLM(Glm4Config(**HF_SMALL))).save_pretrained(hf_folder)
+    config = json.loads((hf_folder / "config.json").read_text())
+    config.pop("rope_parameters")
+    (hf_folder / "config.json").write_text(json.dumps({**config, **ROPE_CASES[case]}))
+    hf = Glm4ForCausalLM.from_pretrained(hf_folder).eval()
+    ours = load_glm4(hf_folder)
+    assert ours.cfg.rope_scaling.rope_type == hf.config.rope_parameters["rope_type"] != "default"
+    ids = torch.randint(1, V, (2, 24), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        expected = _hf_logits(hf, ids, mask)
+        assert torch.allclose(ours(ids), expected, atol=1e-5)
+        unscaled = dataclasses.replace(ours.cfg, rope_scaling=RopeScalingConfig())
+        plain = GLMDecoder(unscaled).eval()
+        plain.load_state_dict(ours.state_dict())
+        assert not torch.allclose(plain(ids), expected, atol=1e-3)  # the scaling matters here
+        save_glm4(ours, tmp_path / "ours")
+        again = Glm4ForCausalLM.from_pretrained(tmp_path / "ours").eval()
+        assert torch.allclose(_hf_logits(again, ids, mask), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("eos", [[5, 6], 5])
+def test_save_glm4_keeps_special_token_ids(tmp_path, eos):
+    hf = Glm4ForCausalLM(Glm4Config(**{**HF_SMALL, "pad_token_id": 3}, bos_token_id=1,
+                                    eos_token_id=eos))  # fmt: skip
+    hf.save_pretrained(tmp_path / "hf")
+    save_glm4(load_glm4(tmp_path / "hf"), tmp_path / "ours")
+    written = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert (written["bos_token_id"], written["eos_token_id"], written["pad_token_id"]) == (
+        1,
+        eos,
+        3,
+    )
+    again = Glm4ForCausalLM.from_pretrained(tmp_path / "ours").config
+    assert (again.bos_token_id, again.eos_token_id, again.pad_token_id) == (1, eos, 3)
+
+
 def test_glm4_defaults_match_transformers():
     hf = Glm4Config()
     assert {k: getattr(hf, k) for k in GLM4_DEFAULTS} == GLM4_DEFAULTS
@@ -132,10 +187,16 @@ def test_glm4_config_legacy_keys_and_rejections():
     legacy = {**HF_SMALL, "model_type": "glm4", "rope_theta": 300.0, "partial_rotary_factor": 1.0}
     cfg = decoder_config_from_glm4(legacy)
     assert (cfg.rope_theta, cfg.rotary_dim, cfg.num_layers) == (300.0, 16, 2)
-    with pytest.raises(ValueError, match="rope_type='yarn'"):
+    with pytest.raises(ValueError, match="rope_parameters.rope_type='dynamic'"):
+        decoder_config_from_glm4({**HF_SMALL, "rope_parameters": {"rope_type": "dynamic"}})
+    with pytest.raises(ValueError, match="rope_scaling.rope_type='longrope'"):
+        decoder_config_from_glm4({**HF_SMALL, "rope_scaling": {"type": "longrope", "factor": 2.0}})
+    with pytest.raises(ValueError, match="rope_parameters: .*RopeScalingConfig key.*: wobble"):
+        decoder_config_from_glm4(
+            {**HF_SMALL, "rope_parameters": {"rope_type": "linear", "factor": 2.0, "wobble": 1}}
+        )
+    with pytest.raises(ValueError, match="text.rope_scaling.factor"):
         decoder_config_from_glm4({**HF_SMALL, "rope_parameters": {"rope_type": "yarn"}})
-    with pytest.raises(ValueError, match="rope_type='linear'"):
-        decoder_config_from_glm4({**HF_SMALL, "rope_scaling": {"type": "linear", "factor": 2.0}})
     with pytest.raises(ValueError, match="hidden_act"):
         decoder_config_from_glm4({**HF_SMALL, "hidden_act": "gelu"})
     with pytest.raises(ValueError, match="model_type='llama'"):

@@ -109,17 +109,49 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-class RotaryEmbedding(nn.Module):
-    """Frequencies for the rotary part of each head (``rotary_dim`` channels)."""
+def rope_frequencies(cfg: DecoderConfig) -> tuple[torch.Tensor, float]:
+    """``(inv_freq (rotary_dim / 2,), attention_scaling)`` of ``cfg``'s RoPE.
 
-    def __init__(self, rotary_dim: int, theta: float) -> None:
+    Unscaled RoPE is computed here; a ``cfg.rope_scaling`` type goes through transformers' own
+    ``ROPE_INIT_FUNCTIONS`` on the equivalent ``Glm4Config``, so it is exactly what
+    ``Glm4ForCausalLM`` computes rather than a re-derivation of YaRN or Llama-3 scaling.
+    """
+    scaling = cfg.rope_scaling
+    if scaling.rope_type == "default":
+        rot = cfg.rotary_dim
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.float) / rot))
+        return inv_freq, 1.0
+    from transformers import Glm4Config  # lazy: only scaled RoPE needs it
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf = Glm4Config(
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_seq_len,
+        rope_parameters={
+            "rope_theta": cfg.rope_theta,
+            "partial_rotary_factor": cfg.partial_rotary_factor,
+            **scaling.parameters(),
+        },
+    )
+    inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[scaling.rope_type](hf)
+    return inv_freq.float(), float(attention_scaling)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin for the rotary part of each head (``rotary_dim`` channels), times the scaled
+    types' attention factor (YaRN), as transformers applies it."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))
+        inv_freq, self.attention_scaling = rope_frequencies(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, rotary_dim / 2)
-        return freqs.cos(), freqs.sin()
+        return freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -240,7 +272,7 @@ class GLMDecoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta)
+        self.rotary = RotaryEmbedding(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
