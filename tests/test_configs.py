@@ -98,3 +98,17 @@ def test_memory_is_refused_until_autoglm_model_uses_it():
         OmegaConf.to_object(cfg.model)
     with pytest.raises(ValueError, match="text.memory.enabled"):
         MultiModalConfig.from_dict({"text": {"memory": {"enabled": True}}})
+
+
+@pytest.mark.parametrize(
+    "override, culprit",
+    [
+        ("model.audio.sample_rate=0", "audio.sample_rate=0 is outside"),
+        ("model.text.num_layers=100000", "text.num_layers=100000 is outside"),
+    ],
+)
+def test_out_of_range_model_values_fail_when_the_config_is_built(override, culprit):
+    """OmegaConf checks the types; the dataclasses' ranges run when the app builds the config."""
+    cfg = compose_train([override])
+    with pytest.raises(ValueError, match=culprit):
+        OmegaConf.to_object(cfg.model)
