@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -106,6 +107,19 @@ def test_load_glm4_from_instance_and_shards(hf_tied, tmp_path):
         a = load_glm4(tmp_path)(ids, attention_mask=mask)
         b = load_glm4(hf_tied)(ids, attention_mask=mask)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/abs/model.safetensors", "x.bin"])
+def test_load_glm4_refuses_shard_names_outside_the_folder(hf_tied, tmp_path, shard):
+    hf_tied.save_pretrained(tmp_path / "ckpt", max_shard_size="20KB")
+    hf_tied.save_pretrained(tmp_path)  # a readable outside.safetensors next to the folder
+    (tmp_path / "model.safetensors").rename(tmp_path / "outside.safetensors")
+    index = tmp_path / "ckpt" / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"][next(iter(data["weight_map"]))] = shard
+    index.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=re.escape(repr(shard))):
+        load_glm4(tmp_path / "ckpt")
 
 
 def test_save_glm4_loads_in_transformers(tmp_path):

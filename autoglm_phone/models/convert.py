@@ -157,6 +157,11 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        for shard in shards:  # names from a file: only plain .safetensors names inside folder
+            if not (isinstance(shard, str) and shard.endswith(".safetensors")) or (
+                Path(shard).name != shard or shard.startswith(".")
+            ):
+                raise ValueError(f"{index}: shard {shard!r} is not a file name in {folder}")
     elif (folder / "model.safetensors").is_file():
         shards = ["model.safetensors"]
     else:
