@@ -11,10 +11,36 @@ Derived sizes are computed in ``__post_init__`` (litgpt style), never in config 
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Mapping
 from dataclasses import InitVar, asdict, dataclass, field, fields, is_dataclass, replace
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional, Union, get_args, get_origin, get_type_hints
+
+
+class Interval(NamedTuple):
+    """A closed range ``[lo, hi]``, or ``(lo, hi]`` with ``lo_open``, for ``LIMITS`` tables."""
+
+    lo: float
+    hi: float
+    lo_open: bool = False
+
+    def __contains__(self, x: object) -> bool:
+        return (self.lo < x if self.lo_open else self.lo <= x) and x <= self.hi
+
+    def __str__(self) -> str:
+        return f"{'(' if self.lo_open else '['}{self.lo}, {self.hi}]"
+
+
+# Sanity caps, far above any real model, so a config alone cannot ask for absurd allocations.
+MAX_WIDTH = 2**16  # hidden / embedding widths and ranks
+MAX_DEPTH = 1024  # layers, blocks, heads, experts
+MAX_VOCAB = 2**22
+MAX_TOKENS = 2**24  # sequence lengths, context sizes
+POSITIVE = Interval(0.0, math.inf, lo_open=True)
+NON_NEGATIVE = Interval(0.0, math.inf)
+PROBABILITY = Interval(0.0, 1.0)
 
 
 @dataclass
@@ -32,7 +58,16 @@ class VisionConfig:
     # transformers see better")
     stem: str = "patch"
 
+    PREFIX = "vision."
+    LIMITS = {
+        "img_size": Interval(1, 8192),
+        "patch_size": Interval(1, 1024),
+        "depth": Interval(1, MAX_DEPTH),
+        "drop_path_rate": PROBABILITY,
+    }
+
     def __post_init__(self) -> None:
+        validate(self)
         if self.img_size % self.patch_size:
             raise ValueError(
                 f"vision.img_size={self.img_size} must be divisible by vision.patch_size={self.patch_size}"
@@ -67,7 +102,22 @@ class AudioConfig:
     mlp_ratio: float = 4.0
     drop_path_rate: float = 0.0
 
+    PREFIX = "audio."
+    LIMITS = {
+        "sample_rate": Interval(1, 768_000),
+        "n_mels": Interval(1, 1024),
+        "n_fft": Interval(1, 2**16),
+        "hop_length": Interval(1, 2**16),
+        "conv_channels": Interval(1, MAX_WIDTH),
+        "embed_dim": Interval(1, MAX_WIDTH),
+        "depth": Interval(1, MAX_DEPTH),
+        "num_heads": Interval(1, MAX_DEPTH),
+        "mlp_ratio": Interval(0, 64, lo_open=True),
+        "drop_path_rate": PROBABILITY,
+    }
+
     def __post_init__(self) -> None:
+        validate(self)
         if self.embed_dim % self.num_heads:
             raise ValueError(
                 f"audio.embed_dim={self.embed_dim} must be divisible by audio.num_heads={self.num_heads}"
@@ -92,7 +142,18 @@ class MoEConfig:
         True  # top-k gates sum to 1; top-1 + True leaves the router no task gradient
     )
 
+    PREFIX = "text.moe."
+    LIMITS = {
+        "num_experts": Interval(0, MAX_DEPTH),
+        "top_k": Interval(1, MAX_DEPTH),
+        "expert_intermediate_size": Interval(1, 4 * MAX_WIDTH),
+        "balance_loss_weight": NON_NEGATIVE,
+        "importance_loss_weight": NON_NEGATIVE,
+        "z_loss_weight": NON_NEGATIVE,
+    }
+
     def __post_init__(self) -> None:
+        validate(self)
         if self.num_experts and not 1 <= self.top_k <= self.num_experts:
             raise ValueError(
                 f"moe.top_k={self.top_k} must be in [1, moe.num_experts={self.num_experts}]"
@@ -113,6 +174,68 @@ class MemoryConfig:
     gate_bias: Optional[float] = None  # keep-gate logit of the memory write
     read_bias: Optional[float] = None  # logit added to memory keys when a segment reads them
     write_bias: Optional[float] = None  # logit added to a slot's own chunk when it writes
+
+    PREFIX = "text.memory."
+    LIMITS = {
+        "segment_len": Interval(1, MAX_TOKENS),
+        "num_slots": Interval(1, MAX_WIDTH),
+        "bptt_segments": Interval(1, MAX_TOKENS),
+    }
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+@dataclass
+class RopeScalingConfig:
+    """RoPE frequency scaling, with the names and meaning of transformers' ``rope_parameters``
+    (``modeling_rope_utils.ROPE_INIT_FUNCTIONS``, which computes the frequencies): ``"linear"``
+    (position interpolation, Chen et al. 2023), ``"yarn"`` (Peng et al. 2023) and ``"llama3"``;
+    ``"default"`` is unscaled RoPE. Fields a type does not read stay ``None``. Types whose
+    frequencies change with the sequence length (``dynamic``, ``longrope``) are not supported."""
+
+    TYPES = ("default", "linear", "yarn", "llama3")
+    REQUIRED = {"linear": ("factor",), "yarn": ("factor",), "llama3": ("factor", "low_freq_factor",
+                "high_freq_factor")}  # fmt: skip
+
+    rope_type: str = "default"
+    factor: Optional[float] = None  # context extension factor
+    # yarn, llama3: the pre-training context (None: text.max_seq_len, as transformers defaults it)
+    original_max_position_embeddings: Optional[int] = None
+    attention_factor: Optional[float] = None  # yarn: cos/sin scale (None: from factor)
+    beta_fast: Optional[float] = None  # yarn: ramp bounds in rotations (None: 32 and 1)
+    beta_slow: Optional[float] = None
+    mscale: Optional[float] = None  # yarn, DeepSeek style attention_factor
+    mscale_all_dim: Optional[float] = None
+    truncate: Optional[bool] = None  # yarn: round the ramp bounds (None: True)
+    low_freq_factor: Optional[float] = None  # llama3
+    high_freq_factor: Optional[float] = None
+
+    PREFIX = "text.rope_scaling."
+    LIMITS = {
+        "factor": Interval(0, 2**20, lo_open=True),
+        "original_max_position_embeddings": Interval(1, MAX_TOKENS),
+        "low_freq_factor": POSITIVE,
+        "high_freq_factor": POSITIVE,
+    }
+
+    def __post_init__(self) -> None:
+        validate(self)
+        if self.rope_type not in self.TYPES:
+            raise ValueError(
+                f"text.rope_scaling.rope_type={self.rope_type!r} is not supported; GLMDecoder "
+                f"implements {', '.join(self.TYPES)}"
+            )
+        missing = [k for k in self.REQUIRED.get(self.rope_type, ()) if getattr(self, k) is None]
+        if missing:
+            raise ValueError(
+                f"text.rope_scaling.rope_type={self.rope_type!r} needs "
+                + ", ".join(f"text.rope_scaling.{k}" for k in missing)
+            )
+
+    def parameters(self) -> dict[str, Any]:
+        """The fields that are set, as transformers' ``rope_parameters`` keys."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 @dataclass
@@ -135,14 +258,39 @@ class DecoderConfig:
     max_seq_len: int = 8192
     tie_word_embeddings: bool = False
     pad_token_id: int = 0
+    bos_token_id: Optional[int] = None  # kept for GLM-4 checkpoints (``models/convert.py``)
+    eos_token_ids: list[int] = field(default_factory=list)  # GLM-4 has several
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
+    PREFIX = "text."
+    LIMITS = {
+        "vocab_size": Interval(0, MAX_VOCAB),
+        "hidden_size": Interval(1, MAX_WIDTH),
+        "num_layers": Interval(1, MAX_DEPTH),
+        "num_heads": Interval(1, MAX_DEPTH),
+        "num_kv_heads": Interval(1, MAX_DEPTH),
+        "head_dim": Interval(1, 4096),
+        "intermediate_size": Interval(1, 4 * MAX_WIDTH),
+        "partial_rotary_factor": Interval(0, 1, lo_open=True),
+        "rope_theta": POSITIVE,
+        "rms_norm_eps": Interval(0, 1, lo_open=True),
+        "max_seq_len": Interval(1, MAX_TOKENS),
+        "pad_token_id": Interval(0, MAX_VOCAB),
+        "bos_token_id": Interval(0, MAX_VOCAB),
+    }
+
     def __post_init__(self) -> None:
-        if isinstance(self.moe, dict):
-            self.moe = from_dict(MoEConfig, self.moe)
-        if isinstance(self.memory, dict):
-            self.memory = from_dict(MemoryConfig, self.memory)
+        for name, cls in (("rope_scaling", RopeScalingConfig), ("moe", MoEConfig),
+                          ("memory", MemoryConfig)):  # fmt: skip
+            if not isinstance(getattr(self, name), cls):
+                setattr(self, name, from_dict(cls, getattr(self, name)))
+        validate(self)
+        if self.vocab_size and self.pad_token_id >= self.vocab_size:
+            raise ValueError(
+                f"text.pad_token_id={self.pad_token_id} must be < text.vocab_size={self.vocab_size}"
+            )
         bad = [i for i in self.moe.layers if not 0 <= i < self.num_layers]
         if bad:
             raise ValueError(f"text.moe.layers {bad} outside [0, num_layers={self.num_layers})")
@@ -183,12 +331,17 @@ class AdapterConfig:
     # the tower's pooled feature (ViT [CLS]; what ITC projects) as one more media token, first
     summary_token: bool = False
 
+    PREFIX = "adapter."
+    LIMITS = {
+        "rank": Interval(1, MAX_WIDTH),
+        "image_tokens": Interval(1, 2**14),
+        "audio_tokens": Interval(1, 2**14),
+    }
+
     def __post_init__(self) -> None:
+        validate(self)
         if self.pool not in self.POOLS:
             raise ValueError(f"adapter.pool must be one of {self.POOLS}, got {self.pool!r}")
-        for name in ("rank", "image_tokens", "audio_tokens"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"adapter.{name} must be positive, got {getattr(self, name)}")
         if self.pool == "avg" and math.isqrt(self.image_tokens) ** 2 != self.image_tokens:
             raise ValueError(
                 f"adapter.image_tokens={self.image_tokens} must be a square (k x k grid) "
@@ -214,6 +367,11 @@ class SpecialTokens:
     eos: Optional[int] = None  # the tokenizer's eos: ``AutoGLMModel.generate``'s default stop
     mask: Optional[int] = None  # ``[MASK]``, what MLM puts on 80% of its targets
     specials: list[int] = field(default_factory=list)  # every special id: never an MLM target
+
+    PREFIX = "special_tokens."
+
+    def __post_init__(self) -> None:
+        validate(self)
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any) -> SpecialTokens:
@@ -300,6 +458,13 @@ class MultiModalConfig:
     audio_encoder: InitVar[Optional[str]] = None
     text_decoder: InitVar[Optional[str]] = None
 
+    PREFIX = ""
+    LIMITS = {
+        "embed_dim": Interval(1, MAX_WIDTH),
+        "proj_rank": Interval(1, MAX_WIDTH),
+        "text_encoder_layers": Interval(0, MAX_DEPTH),
+    }
+
     def __post_init__(
         self,
         vision_encoder: Optional[str] = None,
@@ -317,12 +482,13 @@ class MultiModalConfig:
         for name, cls, shorthand, table, kind in sections:
             value = getattr(self, name)
             if not isinstance(value, cls):
-                value = from_dict(cls, dict(value))
+                value = from_dict(cls, value)
                 setattr(self, name, value)
             if shorthand is not None:
                 if value != cls():
                     raise ValueError(f"give {kind}={shorthand!r} or {name}=..., not both")
                 setattr(self, name, _lookup(table, kind.replace("_", " "), shorthand))
+        validate(self)
         if self.text_pool not in ("mean", "last"):
             raise ValueError(f"text_pool must be 'mean' or 'last', got {self.text_pool!r}")
         if not 0 < self.init_temperature < 1:
@@ -331,6 +497,12 @@ class MultiModalConfig:
             raise ValueError(f"text_encoder_layers must be >= 0, got {self.text_encoder_layers}")
         if self.quantize not in QUANTIZE:
             raise ValueError(f"quantize must be one of {QUANTIZE}, got {self.quantize!r}")
+        if self.text.memory.enabled:
+            # refused rather than ignored: AutoGLMModel builds a plain GLMDecoder
+            raise ValueError(
+                "text.memory.enabled=True: memory attention is not yet part of AutoGLMModel "
+                "(models/memory.py's MemoryGLMDecoder uses it on its own); set it to false"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -349,7 +521,10 @@ class MultiModalConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MultiModalConfig:
-        """From a plain (nested) dict; unknown keys fail by name, shorthand names are accepted."""
+        """From a plain (nested) dict; unknown keys, wrong types and out-of-range values fail
+        naming the key (``text.hidden_size``); shorthand names are accepted."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a model config must be a mapping, got {type(data).__name__}")
         known = {f.name for f in fields(cls)} | set(SHORTHANDS)
         unknown = sorted(set(data) - known)
         if unknown:
@@ -368,19 +543,76 @@ class MultiModalConfig:
         return replace(self, text=text, special_tokens=SpecialTokens.from_tokenizer(tokenizer))
 
 
-def from_dict(cls: type, data: dict[str, Any]) -> Any:
+def from_dict(cls: type, data: Mapping[str, Any]) -> Any:
     """Build a (nested) config dataclass from a plain dict, rejecting unknown keys by name."""
+    prefix = getattr(cls, "PREFIX", "")
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{prefix.rstrip('.') or cls.__name__} must be a mapping, got {data!r}")
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} key(s): {', '.join(unknown)}")
+        names = ", ".join(prefix + str(k) for k in unknown)
+        raise ValueError(f"unknown {cls.__name__} key(s): {names}")
     kwargs = {}
     for name, value in data.items():
         default = known[name].default_factory if callable(known[name].default_factory) else None
-        if isinstance(value, dict) and default is not None and is_dataclass(default):
+        if isinstance(value, Mapping) and default is not None and is_dataclass(default):
             value = from_dict(default, value)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _type_error(path: str, value: Any, hint: Any) -> str | None:
+    """Why ``value`` does not match the annotation ``hint`` (None when it does).
+
+    Written by hand for the few annotations the configs use (bool is not an int here, an int is
+    a float); OmegaConf checks the Hydra path, this checks plain dicts and Python callers.
+    """
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _type_error(path, value, inner)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            return f"{path}={value!r} must be a list"
+        errors = (_type_error(f"{path}[{i}]", v, args[0]) for i, v in enumerate(value))
+        return next((e for e in errors if e), None)
+    if is_dataclass(hint):
+        ok = isinstance(value, (hint, Mapping))
+        return None if ok else f"{path}={value!r} must be a mapping of {hint.__name__} keys"
+    if hint is bool:
+        return None if isinstance(value, bool) else f"{path}={value!r} must be true or false"
+    if hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return None if ok else f"{path}={value!r} must be an integer"
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{path}={value!r} must be a number"
+        return None if math.isfinite(value) else f"{path}={value!r} must be finite"
+    if hint is str:
+        return None if isinstance(value, str) else f"{path}={value!r} must be a string"
+    return None  # Any
+
+
+def validate(cfg: Any) -> None:
+    """Check every field of the config dataclass ``cfg`` against its type annotation, then its
+    class's ``LIMITS`` ranges; a ``ValueError`` names the key path (``cls.PREFIX`` + field)."""
+    prefix, hints = type(cfg).PREFIX, _type_hints(type(cfg))
+    for f in fields(cfg):
+        error = _type_error(prefix + f.name, getattr(cfg, f.name), hints[f.name])
+        if error:
+            raise ValueError(error)
+    for name, interval in getattr(cfg, "LIMITS", {}).items():
+        value = getattr(cfg, name)
+        if value is not None and value not in interval:
+            raise ValueError(f"{prefix}{name}={value!r} is outside {interval}")
 
 
 def _round_up(x: int, multiple: int) -> int:

@@ -107,8 +107,40 @@ def cached_tokenizer(
     return train_tokenizer(texts, folder, vocab_size)
 
 
+# What a Hugging Face tokenizer folder can hold as text (``save_pretrained`` of transformers 5:
+# tokenizer.json + tokenizer_config.json for fast tokenizers, the legacy maps, the slow BPE /
+# WordPiece vocabularies and chat templates). Binary files (sentencepiece models) are not text.
+TOKENIZER_FILE_NAMES = frozenset(
+    {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.json",
+        "merges.txt",
+        "vocab.txt",
+        "chat_template.jinja",
+        "chat_template.json",
+    }
+)
+
+
 def tokenizer_from_files(files: dict[str, str]) -> PreTrainedTokenizerBase:
-    """A tokenizer from its saved folder's files as text (as training checkpoints store them)."""
+    """A tokenizer from its saved folder's files as text (as training checkpoints store them).
+
+    The names come from a checkpoint, so only :data:`TOKENIZER_FILE_NAMES` are written, each inside
+    a fresh temporary folder; any other entry (a path, ``..``, a non-string) raises naming it.
+    """
+    if not isinstance(files, dict):
+        raise ValueError(f"tokenizer files must be a dict of name -> text, got {type(files)}")
+    for name, text in files.items():
+        if not isinstance(name, str) or name not in TOKENIZER_FILE_NAMES:
+            raise ValueError(
+                f"tokenizer file entry {name!r} is not a known tokenizer file name "
+                f"(expected one of {', '.join(sorted(TOKENIZER_FILE_NAMES))})"
+            )
+        if not isinstance(text, str):
+            raise ValueError(f"tokenizer file entry {name!r} holds {type(text).__name__}, not text")
     with tempfile.TemporaryDirectory() as tmp:
         for name, text in files.items():
             (Path(tmp) / name).write_text(text, encoding="utf-8")

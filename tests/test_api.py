@@ -198,6 +198,37 @@ def test_bad_config_file_raises_naming_the_file(tiny, tmp_path, content, match):
     assert str(folder / "config.json") in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("text.hidden_size", "32", "text.hidden_size='32' must be an integer"),
+        ("text.hidden_size", 32.5, "text.hidden_size=32.5 must be an integer"),
+        ("text.num_layers", True, "text.num_layers=True must be an integer"),
+        ("text.attention_bias", 1, "text.attention_bias=1 must be true or false"),
+        ("audio.sample_rate", 0, r"audio.sample_rate=0 is outside \[1, "),
+        ("text.vocab_size", 10**12, "text.vocab_size=1000000000000 is outside"),
+        ("text.num_layers", 10**5, "text.num_layers=100000 is outside"),
+        ("vision.drop_path_rate", 1.5, "vision.drop_path_rate=1.5 is outside"),
+        ("text.moe.layers", ["1"], r"text.moe.layers\[0\]='1' must be an integer"),
+        ("text", 5, "text must be a mapping"),
+        ("text.memory.enabled", True, "text.memory.enabled=True: memory attention is not yet"),
+    ],
+)
+def test_bad_config_value_raises_naming_file_and_key(tiny, tmp_path, key, value, match):
+    """Wrong types and absurd sizes fail on the config, before anything is allocated."""
+    folder = tiny.save_pretrained(tmp_path / "model")
+    data = json.loads((folder / "config.json").read_text())
+    *parents, leaf = key.split(".")
+    node = data["model"]
+    for name in parents:
+        node = node[name]
+    node[leaf] = value
+    (folder / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=match) as err:
+        AutoGLMModel.from_pretrained(folder)
+    assert str(folder / "config.json") in str(err.value)
+
+
 def test_meta_model_cannot_be_saved(big, tmp_path):
     with pytest.raises(ValueError, match="meta"):
         big.save_pretrained(tmp_path)
@@ -263,3 +294,5 @@ def test_generate_from_a_multimodal_prefix(tiny):
     g = torch.Generator().manual_seed(0)
     sampled = tiny.generate(audio=audio, max_new_tokens=4, do_sample=True, top_k=5, generator=g)
     assert sampled.shape[0] == 2 and sampled.shape[1] <= 4
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        tiny.generate(images=images, max_new_tokens=-3)

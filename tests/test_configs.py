@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from autoglm_phone.app.schema import register_schemas
 from autoglm_phone.app.train import build
+from autoglm_phone.config import MultiModalConfig
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 LOGGERS = sorted(p.stem for p in (ROOT / "conf" / "logger").glob("*.yaml"))
@@ -88,3 +89,26 @@ def test_hydra_help_and_cfg_job():
     assert job.returncode == 0
     cfg = OmegaConf.create(job.stdout)
     assert cfg.task_name == "itc_pretrain" and cfg.model.vision.name == "vit_tiny_patch16_224"
+
+
+def test_memory_is_refused_until_autoglm_model_uses_it():
+    """A setting the model would ignore fails when the config is built, naming the setting."""
+    cfg = compose_train(["model.text.memory.enabled=true"])
+    with pytest.raises(ValueError, match="text.memory.enabled.*not yet part of AutoGLMModel"):
+        OmegaConf.to_object(cfg.model)
+    with pytest.raises(ValueError, match="text.memory.enabled"):
+        MultiModalConfig.from_dict({"text": {"memory": {"enabled": True}}})
+
+
+@pytest.mark.parametrize(
+    "override, culprit",
+    [
+        ("model.audio.sample_rate=0", "audio.sample_rate=0 is outside"),
+        ("model.text.num_layers=100000", "text.num_layers=100000 is outside"),
+    ],
+)
+def test_out_of_range_model_values_fail_when_the_config_is_built(override, culprit):
+    """OmegaConf checks the types; the dataclasses' ranges run when the app builds the config."""
+    cfg = compose_train([override])
+    with pytest.raises(ValueError, match=culprit):
+        OmegaConf.to_object(cfg.model)

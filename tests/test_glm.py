@@ -1,12 +1,15 @@
 """GLM decoder: parity with transformers' GLM-4, conversion, attention masks, cached generation."""
 
 import dataclasses
+import json
+import re
 
 import pytest
 import torch
 from transformers import Glm4Config, Glm4ForCausalLM
 
-from autoglm_phone.config import DecoderConfig, MemoryConfig, MoEConfig
+from autoglm_phone.config import DecoderConfig, MemoryConfig, MoEConfig, RopeScalingConfig
+from autoglm_phone.models import glm
 from autoglm_phone.models.convert import (
     GLM4_DEFAULTS,
     decoder_config_from_glm4,
@@ -14,7 +17,7 @@ from autoglm_phone.models.convert import (
     load_glm4,
     save_glm4,
 )
-from autoglm_phone.models.generation import LayerKVCache, filter_logits
+from autoglm_phone.models.generation import KVCache, LayerKVCache, filter_logits
 from autoglm_phone.models.glm import (
     GLMDecoder,
     SwiGLU,
@@ -106,6 +109,19 @@ def test_load_glm4_from_instance_and_shards(hf_tied, tmp_path):
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/abs/model.safetensors", "x.bin"])
+def test_load_glm4_refuses_shard_names_outside_the_folder(hf_tied, tmp_path, shard):
+    hf_tied.save_pretrained(tmp_path / "ckpt", max_shard_size="20KB")
+    hf_tied.save_pretrained(tmp_path)  # a readable outside.safetensors next to the folder
+    (tmp_path / "model.safetensors").rename(tmp_path / "outside.safetensors")
+    index = tmp_path / "ckpt" / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"][next(iter(data["weight_map"]))] = shard
+    index.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=re.escape(repr(shard))):
+        load_glm4(tmp_path / "ckpt")
+
+
 def test_save_glm4_loads_in_transformers(tmp_path):
     torch.manual_seed(0)
     cfg = DecoderConfig(vocab_size=V, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -122,6 +138,60 @@ def test_save_glm4_loads_in_transformers(tmp_path):
     assert load_glm4(tmp_path).cfg == cfg  # and the round trip keeps the config
 
 
+ROPE_CASES = {
+    "linear": {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}},
+    "yarn": {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 500.0,
+                                 "original_max_position_embeddings": 8, "beta_fast": 8.0}},
+    "llama3": {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 500.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 8}},
+    # transformers lets rope_scaling replace rope_parameters, rope_theta included
+    "rope_scaling_beside": {"rope_parameters": {"rope_type": "default", "rope_theta": 500.0},
+                            "rope_scaling": {"type": "linear", "factor": 3.0}},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(ROPE_CASES))
+def test_load_glm4_applies_rope_scaling_as_transformers(case, tmp_path):
+    """A config.json with scaled RoPE: our logits are transformers', before and after save_glm4."""
+    hf_folder = tmp_path / "hf"
+    _randomize(Glm4ForCausalLM(Glm4Config(**HF_SMALL))).save_pretrained(hf_folder)
+    config = json.loads((hf_folder / "config.json").read_text())
+    config.pop("rope_parameters")
+    (hf_folder / "config.json").write_text(json.dumps({**config, **ROPE_CASES[case]}))
+    hf = Glm4ForCausalLM.from_pretrained(hf_folder).eval()
+    ours = load_glm4(hf_folder)
+    assert ours.cfg.rope_scaling.rope_type == hf.config.rope_parameters["rope_type"] != "default"
+    ids = torch.randint(1, V, (2, 24), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        expected = _hf_logits(hf, ids, mask)
+        assert torch.allclose(ours(ids), expected, atol=1e-5)
+        unscaled = dataclasses.replace(ours.cfg, rope_scaling=RopeScalingConfig())
+        plain = GLMDecoder(unscaled).eval()
+        plain.load_state_dict(ours.state_dict())
+        assert not torch.allclose(plain(ids), expected, atol=1e-3)  # the scaling matters here
+        save_glm4(ours, tmp_path / "ours")
+        again = Glm4ForCausalLM.from_pretrained(tmp_path / "ours").eval()
+        assert torch.allclose(_hf_logits(again, ids, mask), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("eos", [[5, 6], 5])
+def test_save_glm4_keeps_special_token_ids(tmp_path, eos):
+    hf = Glm4ForCausalLM(Glm4Config(**{**HF_SMALL, "pad_token_id": 3}, bos_token_id=1,
+                                    eos_token_id=eos))  # fmt: skip
+    hf.save_pretrained(tmp_path / "hf")
+    save_glm4(load_glm4(tmp_path / "hf"), tmp_path / "ours")
+    written = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert (written["bos_token_id"], written["eos_token_id"], written["pad_token_id"]) == (
+        1,
+        eos,
+        3,
+    )
+    again = Glm4ForCausalLM.from_pretrained(tmp_path / "ours").config
+    assert (again.bos_token_id, again.eos_token_id, again.pad_token_id) == (1, eos, 3)
+
+
 def test_glm4_defaults_match_transformers():
     hf = Glm4Config()
     assert {k: getattr(hf, k) for k in GLM4_DEFAULTS} == GLM4_DEFAULTS
@@ -131,10 +201,16 @@ def test_glm4_config_legacy_keys_and_rejections():
     legacy = {**HF_SMALL, "model_type": "glm4", "rope_theta": 300.0, "partial_rotary_factor": 1.0}
     cfg = decoder_config_from_glm4(legacy)
     assert (cfg.rope_theta, cfg.rotary_dim, cfg.num_layers) == (300.0, 16, 2)
-    with pytest.raises(ValueError, match="rope_type='yarn'"):
+    with pytest.raises(ValueError, match="rope_parameters.rope_type='dynamic'"):
+        decoder_config_from_glm4({**HF_SMALL, "rope_parameters": {"rope_type": "dynamic"}})
+    with pytest.raises(ValueError, match="rope_scaling.rope_type='longrope'"):
+        decoder_config_from_glm4({**HF_SMALL, "rope_scaling": {"type": "longrope", "factor": 2.0}})
+    with pytest.raises(ValueError, match="rope_parameters: .*RopeScalingConfig key.*wobble"):
+        decoder_config_from_glm4(
+            {**HF_SMALL, "rope_parameters": {"rope_type": "linear", "factor": 2.0, "wobble": 1}}
+        )
+    with pytest.raises(ValueError, match="text.rope_scaling.factor"):
         decoder_config_from_glm4({**HF_SMALL, "rope_parameters": {"rope_type": "yarn"}})
-    with pytest.raises(ValueError, match="rope_type='linear'"):
-        decoder_config_from_glm4({**HF_SMALL, "rope_scaling": {"type": "linear", "factor": 2.0}})
     with pytest.raises(ValueError, match="hidden_act"):
         decoder_config_from_glm4({**HF_SMALL, "hidden_act": "gelu"})
     with pytest.raises(ValueError, match="model_type='llama'"):
@@ -320,11 +396,83 @@ def test_generate_rejects_bad_inputs(lm):
         lm.generate(ids, mode="bidirectional")
     with pytest.raises(ValueError, match="max_seq_len"):
         lm.generate(ids, max_new_tokens=SMALL_TEXT.max_seq_len)
-    assert lm.generate(ids, max_new_tokens=0).shape == (3, 0)
     cache = LayerKVCache(1, 2, 3, 4)
     cache.update(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4))
     with pytest.raises(ValueError, match="overflow"):
         cache.update(torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1, 4))
+
+
+@pytest.mark.parametrize(
+    "kwargs, culprit",
+    [
+        ({"max_new_tokens": -3}, "max_new_tokens"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens"),
+        ({"top_k": -1}, "top_k"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"do_sample": True, "temperature": 0.0}, "temperature"),
+        ({"do_sample": True, "temperature": -1.0}, "temperature"),
+    ],
+)
+def test_generate_rejects_bad_decoding_arguments(lm, kwargs, culprit):
+    """Refused by name, by generate and by stream before its first step is asked for."""
+    ids, mask = _padded_batch("left")
+    with pytest.raises(ValueError, match=culprit):
+        lm.generate(ids, attention_mask=mask, **kwargs)
+    with pytest.raises(ValueError, match=culprit):
+        lm.stream(ids, attention_mask=mask, **kwargs)
+    if culprit == "temperature":  # greedy decoding ignores the temperature
+        assert lm.generate(ids, attention_mask=mask, max_new_tokens=2, temperature=0.0).shape[1]
+
+
+def test_kv_cache_grows_in_place_of_preallocating(lm, monkeypatch):
+    """The cache holds what was generated, not prompt + max_new_tokens; outputs are unchanged."""
+    caches = []
+    from_config = KVCache.from_config
+
+    def recording(cls, *args, **kwargs):
+        caches.append(from_config(*args, **kwargs))
+        return caches[-1]
+
+    monkeypatch.setattr(KVCache, "from_config", classmethod(recording))
+    monkeypatch.setattr(glm, "KV_BLOCK", 4)  # a small first block, so a short test grows it
+    ids, mask = _padded_batch("left")
+    first = lm.generate(ids, attention_mask=mask, max_new_tokens=1)[:, 0].tolist()
+    big = SMALL_TEXT.max_seq_len - ids.shape[1]
+    got = lm.generate(ids, attention_mask=mask, max_new_tokens=big, stop_token_ids=first)
+    assert got.shape == (3, 1)
+    assert caches[-1].length == ids.shape[1] and caches[-1][0].max_len == SMALL_TEXT.max_seq_len
+    assert caches[-1][0].capacity == ids.shape[1] + 4  # not 8192 positions
+    steps = 20  # 7 + 19 cached positions: the cache grows twice
+    got = lm.generate(ids, attention_mask=mask, max_new_tokens=steps)
+    assert caches[-1][0].capacity == ids.shape[1] + steps  # 11 -> 22 -> 27 (never past it)
+    assert torch.equal(got, _greedy_recompute(lm, ids, mask, "prefix", steps))
+    gen = torch.Generator().manual_seed(5)
+    sampled = lm.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=True,
+                          generator=gen)  # fmt: skip
+    monkeypatch.setattr(KVCache, "from_config", classmethod(_preallocated(from_config)))
+    gen = torch.Generator().manual_seed(5)
+    assert torch.equal(
+        sampled,
+        lm.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=True, generator=gen),
+    )
+
+
+def _preallocated(from_config):
+    """``KVCache.from_config`` allocating every position up front (the former behaviour)."""
+    return lambda cls, *args, capacity=None, **kwargs: from_config(*args, **kwargs)
+
+
+def test_layer_kv_cache_growth_keeps_values():
+    cache = LayerKVCache(2, 1, 10, 3, capacity=2)
+    k = torch.arange(2 * 7 * 3, dtype=torch.float).reshape(2, 1, 7, 3)
+    for step in range(7):
+        got, _ = cache.update(k[:, :, step : step + 1], -k[:, :, step : step + 1])
+        assert torch.equal(got, k[:, :, : step + 1])
+    assert (cache.capacity, cache.length) == (8, 7)  # 2 -> 4 -> 8
+    cache.update(k[:, :, :3], k[:, :, :3])
+    assert cache.capacity == 10  # never past max_len
 
 
 # --- pluggable FFN ------------------------------------------------------------------------------

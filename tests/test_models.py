@@ -1,7 +1,22 @@
+import dataclasses
+import re
+
 import pytest
 import torch
 
-from autoglm_phone.config import AudioConfig, DecoderConfig, MultiModalConfig, VisionConfig
+from autoglm_phone import config as config_module
+from autoglm_phone.config import (
+    AdapterConfig,
+    AudioConfig,
+    DecoderConfig,
+    MemoryConfig,
+    MoEConfig,
+    MultiModalConfig,
+    RopeScalingConfig,
+    SpecialTokens,
+    VisionConfig,
+    from_dict,
+)
 from autoglm_phone.models.autoglm import AutoGLMModel
 from autoglm_phone.models.towers import AudioTower, VisionTower
 
@@ -96,3 +111,36 @@ def test_config_round_trip_and_errors():
         MultiModalConfig.from_dict({"vision": {"img_sz": 64}})
     with pytest.raises(ValueError, match="divisible"):
         VisionConfig(img_size=60, patch_size=8)
+
+
+CONFIGS = [VisionConfig, AudioConfig, MoEConfig, MemoryConfig, RopeScalingConfig, DecoderConfig,
+           AdapterConfig, SpecialTokens, MultiModalConfig]  # fmt: skip
+
+
+def test_every_config_class_is_listed():
+    classes = {c for c in vars(config_module).values() if dataclasses.is_dataclass(c)}
+    assert classes == set(CONFIGS)
+
+
+@pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.__name__)
+def test_every_config_field_is_type_checked_naming_its_key(cls):
+    """From a dict or from Python, a value of the wrong type fails naming the key path."""
+    for f in dataclasses.fields(cls):
+        with pytest.raises(ValueError, match=re.escape(cls.PREFIX + f.name)):
+            from_dict(cls, {f.name: b"?"})  # bytes are no config value of any type
+
+
+def test_config_ranges_name_the_key():
+    with pytest.raises(ValueError, match=r"text.head_dim=0 is outside \[1, "):
+        DecoderConfig(head_dim=0)
+    with pytest.raises(ValueError, match="text.pad_token_id=10 must be < text.vocab_size=10"):
+        DecoderConfig(vocab_size=10, pad_token_id=10)
+    with pytest.raises(ValueError, match="text.rms_norm_eps=0.0 is outside"):
+        DecoderConfig(rms_norm_eps=0.0)
+    with pytest.raises(ValueError, match="audio.n_fft=-1"):
+        MultiModalConfig.from_dict({"audio": {"n_fft": -1}})
+    with pytest.raises(ValueError, match="text.rope_scaling.factor=0.0"):
+        RopeScalingConfig(rope_type="linear", factor=0.0)
+    with pytest.raises(ValueError, match="mapping"):
+        MultiModalConfig.from_dict([1, 2])
+    assert DecoderConfig(rope_theta=10000).rope_theta == 10000  # an int is a fine float

@@ -1,7 +1,15 @@
+import re
+
 import pytest
 from transformers import AutoTokenizer
 
-from autoglm_phone.tokenizer import GLM_TOKENS, SPECIAL_TOKENS, cached_tokenizer, load_tokenizer
+from autoglm_phone.tokenizer import (
+    GLM_TOKENS,
+    SPECIAL_TOKENS,
+    cached_tokenizer,
+    load_tokenizer,
+    tokenizer_from_files,
+)
 
 TEXTS = [
     "two small red circles on the left",
@@ -41,3 +49,33 @@ def test_cache_is_reused_and_keyed_by_corpus(tmp_path):
 def test_missing_local_tokenizer_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer"):
         load_tokenizer(tmp_path / "nope")
+
+
+def _saved_files(tmp_path) -> dict[str, str]:
+    tok = cached_tokenizer(TEXTS, tmp_path / "cache", vocab_size=400)
+    tok.save_pretrained(tmp_path / "saved")  # what training checkpoints store, as text
+    return {p.name: p.read_text() for p in (tmp_path / "saved").iterdir()}
+
+
+def test_tokenizer_from_files_round_trip(tmp_path):
+    files = _saved_files(tmp_path)
+    tok = tokenizer_from_files(files)
+    assert (
+        tok("one large blue square")["input_ids"]
+        == load_tokenizer(tmp_path / "saved")("one large blue square")["input_ids"]
+    )
+    with pytest.raises(ValueError, match="'tokenizer.json' holds bytes"):
+        tokenizer_from_files({**files, "tokenizer.json": b"{}"})
+
+
+@pytest.mark.parametrize(
+    "name", ["ABSOLUTE", "../escaped.json", "sub/tokenizer.json", "model.bin", "..", 3]
+)
+def test_tokenizer_from_files_refuses_unknown_entries(tmp_path, name):
+    """Names come from a checkpoint: none may write outside a fresh folder, or anything unknown."""
+    if name == "ABSOLUTE":
+        name = str(tmp_path / "outside.json")
+    files = {**_saved_files(tmp_path), name: "{}"}
+    with pytest.raises(ValueError, match=re.escape(repr(name))):
+        tokenizer_from_files(files)
+    assert not (tmp_path / "outside.json").exists() and not (tmp_path / "escaped.json").exists()

@@ -2,9 +2,10 @@
 
 ``GLMDecoder`` uses ``Glm4ForCausalLM``'s parameter names minus the ``model.`` prefix, so weights
 convert by a key rename (litgpt's ``convert_hf_checkpoint`` in spirit, without the fused-QKV
-shuffle). The config maps field by field; anything our decoder cannot reproduce exactly (RoPE
-scaling, another activation, MoE or memory layers on export) is rejected by name rather than
-converted approximately.
+shuffle). The config maps field by field, RoPE scaling (linear, YaRN, Llama-3) and the bos / eos /
+pad ids included; anything our decoder cannot reproduce exactly (dynamic or LongRoPE scaling,
+another activation, MoE or memory layers on export) is rejected by name rather than converted
+approximately.
 
     decoder = load_glm4("path/to/glm4-checkpoint")  # config.json + *.safetensors
     save_glm4(decoder, "path/to/out")  # Glm4ForCausalLM.from_pretrained("path/to/out") loads it
@@ -20,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from autoglm_phone.config import DecoderConfig
+from autoglm_phone.config import DecoderConfig, RopeScalingConfig, from_dict
 from autoglm_phone.models.glm import GLMDecoder
 
 # Glm4Config's defaults (transformers 5.x) for keys a config.json may leave out.
@@ -43,19 +44,36 @@ REQUIRED = (
 )
 
 
-def _rope_parameters(hf: dict[str, Any]) -> tuple[float, float]:
-    """``(rope_theta, partial_rotary_factor)`` from ``rope_parameters`` (transformers >= 5) or the
-    older top-level ``rope_theta`` / ``partial_rotary_factor`` / ``rope_scaling`` keys."""
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
+def _rope_parameters(hf: dict[str, Any]) -> tuple[float, float, RopeScalingConfig]:
+    """``(rope_theta, partial_rotary_factor, scaling)`` as transformers 5 reads them.
+
+    A ``rope_scaling`` dict *replaces* ``rope_parameters`` when both are present (transformers'
+    ``convert_rope_params_to_dict``); ``rope_theta`` / ``partial_rotary_factor`` missing from the
+    chosen dict come from the top-level keys, then Glm4Config's defaults (10000, 0.5).
+    """
+    field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    rope = dict(hf.get(field) or {})
+    if not isinstance(hf.get(field) or {}, dict):
+        raise ValueError(f"{field} must be a dict, got {hf[field]!r}")
+    rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+    rope.pop("type", None)
+    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    factor = rope.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5))
+    if rope_type not in RopeScalingConfig.TYPES:
         raise ValueError(
-            f"rope_parameters.rope_type={rope_type!r} is not supported; GLMDecoder implements "
-            "only the default (unscaled) RoPE"
+            f"{field}.rope_type={rope_type!r} is not supported; GLMDecoder implements "
+            f"{', '.join(RopeScalingConfig.TYPES)} (dynamic and longrope rescale with the length)"
         )
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    factor = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5))
-    return float(theta), float(factor)
+    try:
+        scaling = from_dict(RopeScalingConfig, {"rope_type": rope_type, **rope})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{field}: {err}") from err
+    return float(theta), float(factor), scaling
+
+
+def _eos_ids(value: int | list[int] | None) -> list[int]:
+    """transformers' ``eos_token_id`` (one id, several or None) as a list."""
+    return [] if value is None else [value] if isinstance(value, int) else list(value)
 
 
 def decoder_config_from_glm4(hf_config: dict[str, Any]) -> DecoderConfig:
@@ -69,7 +87,7 @@ def decoder_config_from_glm4(hf_config: dict[str, Any]) -> DecoderConfig:
     hf = {**GLM4_DEFAULTS, **hf_config}
     if hf["hidden_act"] != "silu":
         raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported (GLM-4 uses 'silu')")
-    rope_theta, partial_rotary_factor = _rope_parameters(hf)
+    rope_theta, partial_rotary_factor, rope_scaling = _rope_parameters(hf)
     return DecoderConfig(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
@@ -85,6 +103,9 @@ def decoder_config_from_glm4(hf_config: dict[str, Any]) -> DecoderConfig:
         max_seq_len=hf["max_position_embeddings"],
         tie_word_embeddings=hf["tie_word_embeddings"],
         pad_token_id=0 if hf["pad_token_id"] is None else hf["pad_token_id"],
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=_eos_ids(hf.get("eos_token_id")),
+        rope_scaling=rope_scaling,
     )
 
 
@@ -115,13 +136,20 @@ def glm4_config_from_decoder(cfg: DecoderConfig) -> dict[str, Any]:
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.rms_norm_eps,
         "rope_parameters": {
-            "rope_type": "default",
             "rope_theta": cfg.rope_theta,
             "partial_rotary_factor": cfg.partial_rotary_factor,
+            **cfg.rope_scaling.parameters(),
         },
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "pad_token_id": cfg.pad_token_id,
+        "bos_token_id": cfg.bos_token_id,
+        # one id as an int, as transformers writes it; none: left out (Glm4Config's default)
+        **({"eos_token_id": _eos_json(cfg.eos_token_ids)} if cfg.eos_token_ids else {}),
     }
+
+
+def _eos_json(ids: list[int]) -> int | list[int]:
+    return ids[0] if len(ids) == 1 else list(ids)
 
 
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -129,6 +157,11 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        for shard in shards:  # names from a file: only plain .safetensors names inside folder
+            if not (isinstance(shard, str) and shard.endswith(".safetensors")) or (
+                Path(shard).name != shard or shard.startswith(".")
+            ):
+                raise ValueError(f"{index}: shard {shard!r} is not a file name in {folder}")
     elif (folder / "model.safetensors").is_file():
         shards = ["model.safetensors"]
     else:
@@ -151,7 +184,11 @@ def load_glm4(source: str | Path | nn.Module, *, dtype: torch.dtype = torch.floa
         state = source.state_dict()
     else:
         folder = Path(source)
-        cfg = decoder_config_from_glm4(json.loads((folder / "config.json").read_text()))
+        path = folder / "config.json"
+        try:
+            cfg = decoder_config_from_glm4(json.loads(path.read_text(encoding="utf-8")))
+        except (TypeError, ValueError) as err:  # JSON errors included: every failure names the file
+            raise ValueError(f"{path}: {err}") from err
         state = _read_safetensors(folder)
     ours = {
         k.removeprefix("model."): v

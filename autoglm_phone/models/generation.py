@@ -1,9 +1,11 @@
-"""Incremental decoding helpers: a key/value cache and next-token sampling.
+"""Incremental decoding helpers: a key/value cache, argument checks and next-token sampling.
 
-The cache is preallocated, as in gpt-fast and litgpt's ``KVCache``: one ``(B, H_kv, max_len, D)``
-key buffer and one value buffer per layer, allocated once for the prompt plus every token to be
-generated. ``update`` writes the new keys/values in place and returns views of the filled part, so
-a decoding step allocates nothing and copies only the new token.
+The cache holds one ``(B, H_kv, capacity, D)`` key buffer and one value buffer per layer, as in
+gpt-fast and litgpt's ``KVCache``; ``update`` writes the new keys/values in place and returns views
+of the filled part, so most decoding steps allocate nothing and copy only the new token. Unlike
+theirs it is not allocated for the prompt plus every token that *may* be generated: it starts at
+the prompt plus :data:`KV_BLOCK` positions and doubles (up to ``max_len``) when full, so a
+generation that stops early never pays for ``max_new_tokens`` (amortised O(1) copies per token).
 
 Sampling follows transformers' logits processors in order: temperature, then top-k, then top-p
 (nucleus, Holtzman et al. 2019), then a multinomial draw; ``do_sample=False`` is greedy argmax.
@@ -15,9 +17,31 @@ import torch
 
 from autoglm_phone.config import DecoderConfig
 
+KV_BLOCK = 64  # positions a cache holds beyond the prompt before it first grows
+
+
+def check_generation_args(
+    max_new_tokens: int, do_sample: bool, temperature: float, top_k: int, top_p: float
+) -> None:
+    """Raise a ``ValueError`` naming the first invalid decoding argument."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise ValueError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0, got {top_k!r}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if do_sample and not 0.0 < temperature < float("inf"):
+        raise ValueError(f"temperature must be > 0 (and finite) when sampling, got {temperature!r}")
+
 
 class LayerKVCache:
-    """Keys and values of one attention layer, ``(B, H_kv, max_len, D)``, filled left to right."""
+    """Keys and values of one attention layer, ``(B, H_kv, capacity, D)``, filled left to right.
+
+    ``capacity`` positions are allocated (``max_len`` by default); ``update`` doubles it, never
+    past ``max_len``, when new positions do not fit.
+    """
 
     def __init__(
         self,
@@ -26,23 +50,39 @@ class LayerKVCache:
         max_len: int,
         head_dim: int,
         *,
+        capacity: int | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        shape = (batch_size, num_kv_heads, max_len, head_dim)
+        capacity = max_len if capacity is None else min(capacity, max_len)
+        shape = (batch_size, num_kv_heads, capacity, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
         self.length = 0  # filled positions, the same for every row
 
     @property
-    def max_len(self) -> int:
+    def capacity(self) -> int:
         return self.k.shape[2]
+
+    def _grow(self, needed: int) -> None:
+        """Reallocate to ``min(max_len, max(needed, 2 * capacity))`` positions, keeping the filled
+        part."""
+        new = min(self.max_len, max(needed, 2 * self.capacity))
+        b, h, _, d = self.k.shape
+        k = self.k.new_zeros(b, h, new, d)  # (B, H_kv, new, D)
+        v = self.v.new_zeros(b, h, new, d)
+        k[:, :, : self.length] = self.k[:, :, : self.length]
+        v[:, :, : self.length] = self.v[:, :, : self.length]
+        self.k, self.v = k, v
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``(B, H_kv, T, D)`` keys/values; return all so far, ``(B, H_kv, S, D)``."""
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions > max_len={self.max_len}")
+        if end > self.capacity:
+            self._grow(end)
         self.k[:, :, self.length : end] = k
         self.v[:, :, self.length : end] = v
         self.length = end
@@ -62,13 +102,22 @@ class KVCache:
         batch_size: int,
         max_len: int,
         *,
+        capacity: int | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> KVCache:
+        """Empty caches for ``cfg``'s layers, ``capacity`` positions allocated (growing to
+        ``max_len``)."""
         return cls(
             [
                 LayerKVCache(
-                    batch_size, cfg.num_kv_heads, max_len, cfg.head_dim, dtype=dtype, device=device
+                    batch_size,
+                    cfg.num_kv_heads,
+                    max_len,
+                    cfg.head_dim,
+                    capacity=capacity,
+                    dtype=dtype,
+                    device=device,
                 )
                 for _ in range(cfg.num_layers)
             ]

@@ -31,7 +31,13 @@ from einops import rearrange
 from torch import nn
 
 from autoglm_phone.config import DecoderConfig
-from autoglm_phone.models.generation import KVCache, LayerKVCache, sample_next_token
+from autoglm_phone.models.generation import (
+    KV_BLOCK,
+    KVCache,
+    LayerKVCache,
+    check_generation_args,
+    sample_next_token,
+)
 
 
 class AttentionMode(str, Enum):
@@ -103,17 +109,49 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-class RotaryEmbedding(nn.Module):
-    """Frequencies for the rotary part of each head (``rotary_dim`` channels)."""
+def rope_frequencies(cfg: DecoderConfig) -> tuple[torch.Tensor, float]:
+    """``(inv_freq (rotary_dim / 2,), attention_scaling)`` of ``cfg``'s RoPE.
 
-    def __init__(self, rotary_dim: int, theta: float) -> None:
+    Unscaled RoPE is computed here; a ``cfg.rope_scaling`` type goes through transformers' own
+    ``ROPE_INIT_FUNCTIONS`` on the equivalent ``Glm4Config``, so it is exactly what
+    ``Glm4ForCausalLM`` computes rather than a re-derivation of YaRN or Llama-3 scaling.
+    """
+    scaling = cfg.rope_scaling
+    if scaling.rope_type == "default":
+        rot = cfg.rotary_dim
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.float) / rot))
+        return inv_freq, 1.0
+    from transformers import Glm4Config  # lazy: only scaled RoPE needs it
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf = Glm4Config(
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_seq_len,
+        rope_parameters={
+            "rope_theta": cfg.rope_theta,
+            "partial_rotary_factor": cfg.partial_rotary_factor,
+            **scaling.parameters(),
+        },
+    )
+    inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[scaling.rope_type](hf)
+    return inv_freq.float(), float(attention_scaling)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin for the rotary part of each head (``rotary_dim`` channels), times the scaled
+    types' attention factor (YaRN), as transformers applies it."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))
+        inv_freq, self.attention_scaling = rope_frequencies(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, rotary_dim / 2)
-        return freqs.cos(), freqs.sin()
+        return freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -234,7 +272,7 @@ class GLMDecoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta)
+        self.rotary = RotaryEmbedding(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -333,7 +371,6 @@ class GLMDecoder(nn.Module):
             if isinstance(getattr(layer.mlp, "stats", None), dict)
         }
 
-    @torch.no_grad()
     def stream(
         self,
         input_ids: torch.Tensor | None = None,
@@ -355,8 +392,34 @@ class GLMDecoder(nn.Module):
         ``attention_mask`` says) is encoded once: in ``"prefix"`` mode bidirectionally (GLM), in
         ``"causal"`` mode causally. Each generated token then attends causally to everything
         before it. A row that emits one of ``stop_token_ids`` emits ``cfg.pad_token_id`` after it;
-        decoding ends after ``max_new_tokens`` steps or once every row has stopped.
+        decoding ends after ``max_new_tokens`` steps or once every row has stopped. Arguments are
+        checked here, before the first step is asked for.
         """
+        check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p)
+        return self._decode(
+            input_ids,
+            inputs_embeds,
+            attention_mask,
+            max_new_tokens,
+            dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p),
+            stop_token_ids,
+            mode,
+            generator,
+        )
+
+    @torch.no_grad()
+    def _decode(
+        self,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        max_new_tokens: int,
+        sampling: dict,
+        stop_token_ids: Sequence[int],
+        mode: AttentionMode | str,
+        generator: torch.Generator | None,
+    ) -> Iterator[torch.Tensor]:
+        """:meth:`stream`'s loop, on checked arguments."""
         mode = AttentionMode(mode)
         if mode is AttentionMode.BIDIRECTIONAL:
             raise ValueError("generation needs mode 'prefix' or 'causal', not 'bidirectional'")
@@ -373,7 +436,9 @@ class GLMDecoder(nn.Module):
         if (padding.long().cummax(-1).values != padding.long()).any():
             raise ValueError("generation needs left-padded prompts (no padding after a real token)")
         prefix_lengths = padding.sum(-1) if mode is AttentionMode.PREFIX else None  # whole prompt
-        cache = KVCache.from_config(self.cfg, b, t + max_new_tokens, dtype=x.dtype, device=x.device)
+        cache = KVCache.from_config(
+            self.cfg, b, t + max_new_tokens, capacity=t + KV_BLOCK, dtype=x.dtype, device=x.device
+        )  # grows as tokens come, up to t + max_new_tokens
         stop = torch.tensor(list(stop_token_ids), dtype=torch.long, device=x.device)
         done = torch.zeros(b, dtype=torch.bool, device=x.device)
         for _ in range(max_new_tokens):
@@ -385,14 +450,7 @@ class GLMDecoder(nn.Module):
                 cache=cache,
             )  # (B, T_new, C)
             logits = self.lm_head(hidden[:, -1])  # (B, V)
-            token = sample_next_token(
-                logits,
-                do_sample=do_sample,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                generator=generator,
-            )  # (B,)
+            token = sample_next_token(logits, **sampling, generator=generator)  # (B,)
             token = token.masked_fill(done, self.cfg.pad_token_id)
             done = done | torch.isin(token, stop)
             yield token
@@ -432,7 +490,4 @@ class GLMDecoder(nn.Module):
                 generator=generator,
             )
         )
-        if not steps:
-            ref = input_ids if input_ids is not None else inputs_embeds
-            return torch.zeros(ref.shape[0], 0, dtype=torch.long, device=ref.device)
-        return torch.stack(steps, dim=1)  # (B, N)
+        return torch.stack(steps, dim=1)  # (B, N), N >= 1
