@@ -5,15 +5,15 @@ standalone, versioned ``config.json`` (``{"format_version", "model"}``, plain va
 as Hugging Face folders do, and optionally the tokenizer in ``tokenizer/``.
 
 Before anything large is allocated the config is checked against the safetensors header: the
-model's state shapes are built on the meta device (under a parameter budget, so a config asking
-for ``num_layers: 100000`` stops early) and compared, key by key, with the shapes in the file.
+model's state shapes are built on the meta device (under a budget of parameter tensors, so a
+config asking for ``num_layers: 100000`` stops early) and compared, key by key, with the shapes
+in the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,16 +82,16 @@ class _OverBudget(Exception):
 @contextmanager
 def _parameter_budget(limit: int) -> Iterator[None]:
     """Raise :class:`_OverBudget` as soon as the modules built inside register more than
-    ``limit`` parameter elements (a meta build costs time per layer even without memory)."""
-    total = 0
+    ``limit`` parameters: on the meta device sizes cost nothing, but every layer costs time."""
+    count = 0
 
-    def count(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        nonlocal total
-        total += 0 if param is None else param.numel()
-        if total > limit:
+    def hook(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        nonlocal count
+        count += 1
+        if count > limit:
             raise _OverBudget
 
-    handle = torch.nn.modules.module.register_module_parameter_registration_hook(count)
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(hook)
     try:
         yield
     finally:
@@ -108,18 +108,18 @@ def expected_shapes(
 ) -> Shapes:
     """The state shapes ``build(cfg)`` would have (after ``prepare``, e.g. LoRA wrapping), built
     on the meta device; refused early, naming ``source``, if the config asks for far more
-    parameters than ``got`` holds (tied weights register twice: budget ``2 x`` the file)."""
-    held = sum(math.prod(s) for s in got.values())
+    parameters than ``got`` has tensors (a tied weight registers twice: budget twice the file)."""
+    limit = 2 * len(got) + 100
     try:
-        with _parameter_budget(2 * held + 1_000_000), torch.device("meta"):
+        with _parameter_budget(limit), torch.device("meta"):
             model = build(cfg)
             if prepare is not None:
                 prepare(model)
     except _OverBudget:
         raise ValueError(
-            f"{source} does not fit the config: the config describes a model with more than "
-            f"twice the {held:,} values the file holds (check sizes such as text.vocab_size, "
-            "text.num_layers, vision.depth, audio.depth)"
+            f"{source} does not fit the config: the config describes a model of more than "
+            f"{limit:,} parameter tensors, the file holds {len(got):,} (check the depths: "
+            "text.num_layers, text_encoder_layers, vision.depth, audio.depth)"
         ) from None
     state = untied_state(model)[0] if untied else model.state_dict(keep_vars=True)
     return {k: tuple(v.shape) for k, v in state.items()}
