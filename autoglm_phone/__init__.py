@@ -16,8 +16,8 @@ from autoglm_phone.config import MultiModalConfig
 if TYPE_CHECKING:
     from autoglm_phone.checkpoint import LoadedModel, load_model
     from autoglm_phone.models.autoglm import AutoGLMModel
-    from autoglm_phone.models.size import ModelSummary
     from autoglm_phone.models.presets import PRESETS
+    from autoglm_phone.models.size import ModelSummary
 
 __all__ = [
     "AutoGLMModel",
