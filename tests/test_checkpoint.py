@@ -19,13 +19,7 @@ from conftest import ROOT
 from autoglm_phone import AutoGLMModel, load_model
 from autoglm_phone.models.autoglm import MODALITY_TABLE
 from autoglm_phone.models.lora import apply_lora
-from autoglm_phone.tokenizer import train_tokenizer
 
-SHALLOW = {
-    "vision": {"depth": 1},
-    "audio": {"depth": 1},
-    "text": {"num_layers": 2, "moe": {"layers": [1]}},
-}
 LORA = {
     "lora": True,
     "lora_targets": ["text"],
@@ -35,18 +29,6 @@ LORA = {
     "use_dora": False,
     "lora_keep_trainable": [],
 }
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    texts = ["a red circle on the left", "a dog barks twice", "a high beep then silence"] * 20
-    return train_tokenizer(texts, tmp_path_factory.mktemp("tok") / "tokenizer", vocab_size=320)
-
-
-@pytest.fixture(scope="module")
-def tiny(tokenizer):
-    torch.manual_seed(0)
-    return AutoGLMModel.from_pretrained("autoglm-phone-tiny", SHALLOW, tokenizer=tokenizer).eval()
 
 
 def _tokenizer_files(tokenizer) -> dict[str, str]:
