@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, SHALLOW
 
 from autoglm_phone import AutoGLMModel, load_model
 from autoglm_phone.models.autoglm import MODALITY_TABLE
@@ -218,3 +218,14 @@ def test_import_loads_no_training_package(tiny, tokenizer, tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
+def test_a_saved_config_names_no_file_to_open(tokenizer, tmp_path):
+    """``vision.pretrained_path`` in a saved config.json is not opened: the weights replace it."""
+    shallow_patch = {**SHALLOW, "vision": {"depth": 1, "stem": "patch"}}
+    model = AutoGLMModel.from_pretrained("autoglm-phone-tiny", shallow_patch, tokenizer=tokenizer)
+    folder = model.save_pretrained(tmp_path / "model")
+    _edit_config(folder, "vision", "pretrained_path", str(tmp_path / "elsewhere" / "vit.pth"))
+    loaded = AutoGLMModel.from_pretrained(folder)
+    assert loaded.cfg.vision.pretrained_path is None
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict())
