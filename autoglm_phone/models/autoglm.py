@@ -294,7 +294,8 @@ class AutoGLMModel(nn.Module):
         return self.embed_media("audio", wave, sample_rate)
 
     def media_block(self, modality: str, tokens: torch.Tensor) -> torch.Tensor:
-        """``<begin> tokens <end>`` with the modality's markers: ``(B, K, C)`` -> ``(B, K + 2, C)``."""
+        """``<begin> tokens <end>``, the modality's markers around its decoder embeddings:
+        ``(B, K, C)`` -> ``(B, K + 2, C)``."""
         m, st = modality_of(modality), self.cfg.special_tokens
         begin, end = getattr(st, m.begin), getattr(st, m.end)
         if begin is None or end is None:
