@@ -10,12 +10,13 @@ OVERRIDES ?=
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
+# the library and the training app (`pip install autoglm-phone` alone is the inference library)
 $(VENV)/.installed: pyproject.toml requirements/lock.txt | $(BIN)/python
-	$(PIP) -e .
+	$(PIP) -e '.[train]'
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) -e '.[test]'
+	$(PIP) -e '.[train,test]'
 	touch $@
 
 ## quickstart: install, train itc_pretrain on the embedded data, evaluate on the test split

@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runnable as a script from anywhere
 
 from autoglm_phone.app.datamodule import MultiModalDataModule  # noqa: E402
-from autoglm_phone.app.module import PretrainModule, read_model_state  # noqa: E402
+from autoglm_phone.app.module import PretrainModule  # noqa: E402
 from autoglm_phone.app.schema import DataConfig  # noqa: E402
+from autoglm_phone.checkpoint import read_model_state  # noqa: E402
 from autoglm_phone.tokenizer import tokenizer_from_files  # noqa: E402
 
 PARTS = {  # parameter-name prefix -> part

@@ -30,8 +30,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runnable as a script from anywhere
 
-from autoglm_phone.app.evaluate import load_checkpoint  # noqa: E402
-from autoglm_phone.app.module import build_model  # noqa: E402
+from autoglm_phone.checkpoint import build_model, load_model  # noqa: E402
 from autoglm_phone.data.synthetic import (  # noqa: E402
     IMAGE_ATTRIBUTES,
     SyntheticSpec,
@@ -91,7 +90,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    trained, _, hp = load_checkpoint(args.ckpt)
+    loaded = load_model(args.ckpt)
+    trained, hp = loaded.model, loaded.hparams
     untrained = build_model(hp).eval()
     folder = build_synthetic(SyntheticSpec(image_size=trained.cfg.vision.img_size), args.cache_dir)
     train, test = load_split(folder, "image", "train"), load_split(folder, "image", "test")

@@ -55,3 +55,32 @@ def no_network(monkeypatch):
 def cache_dir(tmp_path_factory) -> Path:
     """One data/tokenizer cache for the whole session."""
     return tmp_path_factory.mktemp("cache")
+
+
+# The tiny preset at depth 1 everywhere, for speed: shallow towers; the decoder keeps one dense
+# and one MoE layer (the preset's layer 1 is MoE).
+SHALLOW = {
+    "vision": {"depth": 1},
+    "audio": {"depth": 1},
+    "text": {"num_layers": 2, "moe": {"layers": [1]}},
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """A small byte-level BPE tokenizer with GLM's special tokens."""
+    from autoglm_phone.tokenizer import train_tokenizer
+
+    texts = ["a red circle on the left", "a dog barks twice", "a high beep then silence"] * 20
+    return train_tokenizer(texts, tmp_path_factory.mktemp("tok") / "tokenizer", vocab_size=320)
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer):
+    """The tiny preset, :data:`SHALLOW`, in eval mode (seed 0)."""
+    import torch
+
+    from autoglm_phone import AutoGLMModel
+
+    torch.manual_seed(0)
+    return AutoGLMModel.from_pretrained("autoglm-phone-tiny", SHALLOW, tokenizer=tokenizer).eval()

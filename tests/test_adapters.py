@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from open_clip.transformer import AttentionalPooler
 
 from autoglm_phone.config import AdapterConfig
 from autoglm_phone.models.adapters import (
@@ -47,6 +48,20 @@ def test_attention_pool_learned_queries():
     for n in (3, 40):
         assert pool(torch.randn(2, n, 128)).shape == (2, 5, 128)
     assert AttentionTokenPool(dim=48, num_tokens=2).attn.num_heads == 1
+
+
+def test_attention_pool_is_open_clips_with_the_saved_names():
+    """open_clip's pooler, not a copy; its state-dict names are the ones saved adapters have."""
+    pool = AttentionTokenPool(dim=64, num_tokens=3)
+    assert isinstance(pool, AttentionalPooler)
+    assert list(pool.state_dict()) == [
+        "query", "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight",
+        "attn.out_proj.bias", "ln_q.weight", "ln_q.bias", "ln_k.weight", "ln_k.bias",
+    ]  # fmt: skip
+    x = torch.randn(2, 7, 64)  # what the copy computed: LN'd queries attend to LN'd tokens
+    q = pool.ln_q(pool.query).expand(2, -1, -1)
+    k = pool.ln_k(x)
+    torch.testing.assert_close(pool(x), pool.attn(q, k, k, need_weights=False)[0])
 
 
 @pytest.mark.parametrize("pool", ["avg", "attn"])

@@ -6,34 +6,13 @@ import json
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, SHALLOW
 from omegaconf import OmegaConf
 from safetensors import safe_open
 
 from autoglm_phone import AutoGLMModel, MultiModalConfig
 from autoglm_phone.config import DecoderConfig, SpecialTokens, VisionConfig
 from autoglm_phone.models.presets import PRESETS, autoglm_phone_tiny
-from autoglm_phone.tokenizer import train_tokenizer
-
-# The tiny preset at depth 1 everywhere, for speed.
-# shallow towers; the decoder keeps one dense and one MoE layer (the preset's layer 1 is MoE)
-SHALLOW = {
-    "vision": {"depth": 1},
-    "audio": {"depth": 1},
-    "text": {"num_layers": 2, "moe": {"layers": [1]}},
-}
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    texts = ["a red circle on the left", "a dog barks twice", "a high beep then silence"] * 20
-    return train_tokenizer(texts, tmp_path_factory.mktemp("tok") / "tokenizer", vocab_size=320)
-
-
-@pytest.fixture(scope="module")
-def tiny(tokenizer):
-    torch.manual_seed(0)
-    return AutoGLMModel.from_pretrained("autoglm-phone-tiny", SHALLOW, tokenizer=tokenizer).eval()
 
 
 @pytest.fixture(scope="module")

@@ -23,24 +23,17 @@ from tqdm import tqdm
 
 from autoglm_phone.app.datamodule import MultiModalDataModule
 from autoglm_phone.app.eval_tasks import fit_rerank_weight_on, fused_report, tasks_for
-from autoglm_phone.app.module import build_model, read_model_state
 from autoglm_phone.app.schema import DataConfig
+from autoglm_phone.checkpoint import load_model
 from autoglm_phone.data.records import format_summary, summarize
 from autoglm_phone.metrics import KS, chance_metrics, retrieval_metrics
 from autoglm_phone.models.autoglm import AutoGLMModel
-from autoglm_phone.models.lora import lora_layers, merge_lora
-from autoglm_phone.tokenizer import tokenizer_from_files
 
 
 def load_checkpoint(path: str | Path) -> tuple[AutoGLMModel, Any, dict[str, Any]]:
-    """Model (eval mode, LoRA adapters merged in), tokenizer and hyper-parameters from a
-    training checkpoint."""
-    state, hp = read_model_state(path)
-    model = build_model(hp)
-    model.load_state_dict(state)
-    if lora_layers(model):
-        merge_lora(model, unload=True)
-    return model.eval(), tokenizer_from_files(hp["tokenizer_files"]), hp
+    """Model (eval mode, LoRA merged), tokenizer and hyper-parameters: :func:`load_model`."""
+    loaded = load_model(path)
+    return loaded.model, loaded.tokenizer, loaded.hparams
 
 
 @torch.no_grad()

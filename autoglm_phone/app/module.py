@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -24,6 +23,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from autoglm_phone.checkpoint import (
+    apply_finetune_lora,
+    build_model,
+    read_model_state,
+)
 from autoglm_phone.config import MultiModalConfig
 from autoglm_phone.losses import (
     itc_loss,
@@ -37,7 +41,6 @@ from autoglm_phone.losses import (
 )
 from autoglm_phone.metrics import retrieval_metrics
 from autoglm_phone.models.autoglm import AutoGLMModel
-from autoglm_phone.models.lora import apply_lora
 
 LOSSES = ("itc", "itm", "mlm", "lm", "distill")  # objective.<name>_weight (distill.weight)
 
@@ -48,40 +51,6 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def read_model_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The ``model.*`` weights (prefix removed) and hyper-parameters of a training checkpoint."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    state = {
-        k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")
-    }
-    return state, ckpt["hyper_parameters"]
-
-
-def build_model(hp: dict[str, Any]) -> AutoGLMModel:
-    """The model a checkpoint's hyper-parameters describe, LoRA layers included (not loaded)."""
-    model = AutoGLMModel(MultiModalConfig.from_dict(hp["model"]))
-    apply_finetune_lora(model, hp.get("finetune"))
-    return model
-
-
-def apply_finetune_lora(model: AutoGLMModel, finetune: dict[str, Any] | None) -> None:
-    """Wrap ``model`` in peft LoRA/DoRA as ``finetune`` asks (nothing if ``lora`` is off)."""
-    ft = finetune or {}
-    if ft.get("lora"):
-        apply_lora(
-            model,
-            targets=tuple(ft["lora_targets"]),
-            r=ft["lora_r"],
-            alpha=ft["lora_alpha"],
-            dropout=ft["lora_dropout"],
-            use_dora=ft["use_dora"],
-            keep_trainable=tuple(ft["lora_keep_trainable"]),
-        )
 
 
 def upper_blocks(tower: nn.Module, n: int) -> list[nn.Module]:
@@ -179,7 +148,7 @@ class PretrainModule(L.LightningModule):
                     "objective.distill.weight > 0 needs objective.distill.teacher_ckpt"
                 )
             state, hp = read_model_state(teacher_ckpt)
-            teacher = build_model(hp)
+            teacher = build_model(hp, state, source=teacher_ckpt)
             teacher.load_state_dict(state)
             if teacher.cfg.vision.img_size != self.model.cfg.vision.img_size:
                 raise ValueError(

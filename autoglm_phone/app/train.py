@@ -18,9 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from autoglm_phone.app.callbacks import SkippedSamples
 from autoglm_phone.app.datamodule import MultiModalDataModule
 from autoglm_phone.app.fault import AtomicCheckpointIO, FiniteLossGuard
-from autoglm_phone.app.module import PretrainModule, read_model_state
+from autoglm_phone.app.module import PretrainModule
 from autoglm_phone.app.resume import ExactResume
 from autoglm_phone.app.schema import CallbacksConfig, LoggerConfig, TrainerConfig
+from autoglm_phone.checkpoint import read_model_state
 from autoglm_phone.config import MultiModalConfig
 from autoglm_phone.tokenizer import tokenizer_from_files
 

@@ -15,7 +15,7 @@ Pooling fixes the number of decoder tokens per image / clip whatever the tower p
   neighbours, as PLLaVA, Xu et al. 2024, pools frames); audio tokens over time.
   Averaging commutes with the linear projection, so pooling first only saves compute.
 - ``"attn"``: ``K`` learned queries cross-attend to all tokens: CoCa's attentional pooler
-  (Yu et al. 2022), written as open_clip's ``AttentionalPooler``; it learns what to keep.
+  (Yu et al. 2022), open_clip's ``AttentionalPooler`` itself; it learns what to keep.
 
 With ``position_embed`` each of the K slots also gets its own learned embedding, so which grid
 cell (or stretch of time) a token came from is in its content, not only in its index. The
@@ -30,6 +30,7 @@ import math
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from open_clip.transformer import AttentionalPooler
 from torch import nn
 
 
@@ -68,21 +69,19 @@ class AvgTokenPool(nn.Module):
         return rearrange(x, "b d h w -> b (h w) d")
 
 
-class AttentionTokenPool(nn.Module):
-    """``K`` learned queries attend to the tokens: CoCa's attentional pooler (open_clip)."""
+class AttentionTokenPool(AttentionalPooler):
+    """``K`` learned queries attend to the tokens ``(B, N, D) -> (B, K, D)``: open_clip's
+    ``AttentionalPooler`` (CoCa), 64-wide heads where the width allows, torch's LayerNorm (as
+    before it came from open_clip, so saved adapters load unchanged)."""
 
     def __init__(self, dim: int, num_tokens: int) -> None:
-        super().__init__()
-        num_heads = dim // 64 if dim % 64 == 0 else 1  # 64-wide heads where the width allows
-        self.query = nn.Parameter(torch.randn(num_tokens, dim))
-        self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
-        self.ln_q = nn.LayerNorm(dim)
-        self.ln_k = nn.LayerNorm(dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.ln_k(x)  # (B, N, D)
-        q = self.ln_q(self.query).expand(x.shape[0], -1, -1)  # (B, K, D)
-        return self.attn(q, x, x, need_weights=False)[0]  # (B, K, D)
+        super().__init__(
+            d_model=dim,
+            context_dim=dim,
+            n_head=dim // 64 if dim % 64 == 0 else 1,
+            n_queries=num_tokens,
+            norm_layer=nn.LayerNorm,
+        )
 
 
 def build_token_pool(pool: str, dim: int, num_tokens: int, grid: bool = False) -> nn.Module:

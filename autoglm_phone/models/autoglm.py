@@ -9,58 +9,111 @@ Two uses of the same towers and decoder:
   markers in front of the prompt, and :meth:`AutoGLMModel.generate` decodes from that prefix
   (bidirectional over the prefix, GLM-130B style).
 
-``save_pretrained`` / ``from_pretrained`` write and read a folder holding ``model.safetensors``
-and a standalone, versioned ``config.json`` (no pickle, no Hydra; as Hugging Face folders);
-``from_pretrained`` also builds the named presets of :mod:`autoglm_phone.models.presets`.
-``summary`` counts parameters and weight memory per submodule (convention in
-:func:`weight_bytes`).
+Each media modality is one :class:`Modality` entry in :data:`MODALITY_TABLE` (its tower, ITC
+projection, adapter and markers), so the methods below loop over the table instead of branching.
+Saved folders are :mod:`autoglm_phone.models.io`'s business, size accounting
+:mod:`autoglm_phone.models.size`'s; ``save_pretrained``, ``from_pretrained`` and ``summary``
+delegate there. A training checkpoint loads with :func:`autoglm_phone.load_model`.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from autoglm_phone.config import DecoderConfig, MultiModalConfig
+from autoglm_phone.config import MultiModalConfig
 from autoglm_phone.losses.lm import align_to_prefix
 from autoglm_phone.losses.mlm import mask_tokens
+from autoglm_phone.models import io
 from autoglm_phone.models.adapters import LowRankProjection, MediaAdapter
 from autoglm_phone.models.glm import AttentionMode, GLMDecoder
-from autoglm_phone.models.presets import PRESETS, get_preset
-from autoglm_phone.models.towers import AudioTower, VisionTower
+from autoglm_phone.models.io import (  # noqa: F401  (re-exported: the names' old home)
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    WEIGHTS_NAME,
+    override_config,
+    read_config,
+    write_config,
+)
+from autoglm_phone.models.size import (  # noqa: F401  (re-exported: the names' old home)
+    PRECISIONS,
+    ModelSummary,
+    SummaryRow,
+    kv_cache_bytes,
+    model_summary,
+    weight_bytes,
+)
+from autoglm_phone.models.towers import AudioTower, TowerOutput, VisionTower
 
-MODALITIES = ("image", "audio")
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-FORMAT_VERSION = 1  # of config.json; bump when a saved folder stops loading as before
+
+@dataclass(frozen=True)
+class Modality:
+    """One media modality: which submodules serve it and how its block is marked.
+
+    The attribute names are the state-dict prefixes, so they are part of the saved format."""
+
+    name: str  # what callers pass: model(modality, ...), encode_media(modality, ...)
+    tower: str  # the tower's attribute; also its config's field on MultiModalConfig
+    make_tower: Callable[[Any], nn.Module]  # tower from its config (cfg.<tower>)
+    proj: str  # ITC projection into the shared space
+    adapter: str  # MediaAdapter into the decoder
+    tokens: str  # AdapterConfig field: decoder tokens per item
+    grid: bool  # the adapter pools on a square patch grid (images) or along time
+    begin: str  # SpecialTokens field of the block's opening marker
+    end: str  # ... and of its closing one
+    takes_sample_rate: bool  # the tower resamples: tower(media, sample_rate)
+
+
+# in the order of build_prefix's blocks; construction follows it too (initial weights depend on it)
+MODALITY_TABLE: dict[str, Modality] = {
+    m.name: m
+    for m in (
+        Modality(
+            name="image", tower="vision", make_tower=VisionTower, proj="vision_proj",
+            adapter="vision_adapter", tokens="image_tokens", grid=True,
+            begin="begin_of_image", end="end_of_image", takes_sample_rate=False,
+        ),
+        Modality(
+            name="audio", tower="audio", make_tower=AudioTower, proj="audio_proj",
+            adapter="audio_adapter", tokens="audio_tokens", grid=False,
+            begin="begin_of_audio", end="end_of_audio", takes_sample_rate=True,
+        ),
+    )
+}  # fmt: skip
+MODALITIES = tuple(MODALITY_TABLE)
+
+
+def modality_of(name: str) -> Modality:
+    if name not in MODALITY_TABLE:
+        raise ValueError(f"unknown modality {name!r}; expected one of {MODALITIES}")
+    return MODALITY_TABLE[name]
 
 
 class AutoGLMModel(nn.Module):
+    # built from MODALITY_TABLE (names fixed: they are the state-dict prefixes)
+    vision: VisionTower
+    audio: AudioTower
+    vision_proj: LowRankProjection
+    audio_proj: LowRankProjection
+    vision_adapter: MediaAdapter
+    audio_adapter: MediaAdapter
+
     def __init__(self, cfg: MultiModalConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.vision = VisionTower(cfg.vision)
-        if torch.get_default_device().type == "meta":
-            # torchaudio computes the mel filterbank eagerly, which meta tensors cannot: build
-            # the (small) audio tower for real, then drop its storage.
-            with torch.device("cpu"):
-                self.audio = AudioTower(cfg.audio)
-            self.audio.to("meta")
-        else:
-            self.audio = AudioTower(cfg.audio)
+        for m in MODALITY_TABLE.values():  # vision, audio
+            setattr(self, m.tower, m.make_tower(getattr(cfg, m.tower)))
         self.text = GLMDecoder(cfg.text)
         r, e = cfg.proj_rank, cfg.embed_dim
-        self.vision_proj = LowRankProjection(self.vision.embed_dim, e, r)
-        self.audio_proj = LowRankProjection(self.audio.embed_dim, e, r)
+        for m in MODALITY_TABLE.values():  # vision_proj, audio_proj
+            setattr(self, m.proj, LowRankProjection(self.tower_of(m).embed_dim, e, r))
         self.text_proj = LowRankProjection(self.text.embed_dim, e, r)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
         # built last, so the modules above draw the same initial weights as before they existed
@@ -72,10 +125,11 @@ class AutoGLMModel(nn.Module):
             position_embed=a.position_embed,
             summary_token=a.summary_token,
         )
-        self.vision_adapter = MediaAdapter(
-            self.vision.embed_dim, num_tokens=a.image_tokens, grid=True, **shared
-        )
-        self.audio_adapter = MediaAdapter(self.audio.embed_dim, num_tokens=a.audio_tokens, **shared)
+        for m in MODALITY_TABLE.values():  # vision_adapter, audio_adapter
+            adapter = MediaAdapter(
+                self.tower_of(m).embed_dim, num_tokens=getattr(a, m.tokens), grid=m.grid, **shared
+            )
+            setattr(self, m.adapter, adapter)
         # ITM: matched / not matched from the fused [media; text] sequence (ALBEF)
         self.itm_head = nn.Linear(c, 2)
         # ALBEF's split: with text_encoder_layers > 0, ITC's text side is its own stack and the
@@ -83,16 +137,39 @@ class AutoGLMModel(nn.Module):
         enc = cfg.text_encoder_config()
         self.text_encoder = GLMDecoder(enc) if enc is not None else None
 
+    # -- the table's submodules ----------------------------------------------------------------
+    def tower_of(self, m: Modality) -> nn.Module:
+        return getattr(self, m.tower)
+
+    def run_tower(
+        self, modality: str, media: torch.Tensor, sample_rate: int | None = None
+    ) -> TowerOutput:
+        """The modality's tower on ``media``: tokens ``(B, N, D)`` and pooled ``(B, D)``;
+        ``sample_rate`` reaches only towers that resample (it is ignored for images)."""
+        m = modality_of(modality)
+        tower = self.tower_of(m)
+        return tower(media, sample_rate) if m.takes_sample_rate else tower(media)
+
     # -- contrastive space ---------------------------------------------------------------------
-    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        z = self.vision_proj(self.vision(images).pooled)  # (B, E)
+    def encode_media(
+        self,
+        modality: str,
+        media: torch.Tensor,
+        sample_rate: int | None = None,
+        normalize: bool = True,
+    ) -> torch.Tensor:
+        """Media in the shared contrastive space ``(B, E)``, unit vectors if ``normalize``."""
+        proj = getattr(self, modality_of(modality).proj)
+        z = proj(self.run_tower(modality, media, sample_rate).pooled)  # (B, E)
         return F.normalize(z, dim=-1) if normalize else z
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return self.encode_media("image", images, normalize=normalize)
 
     def encode_audio(
         self, wave: torch.Tensor, sample_rate: int | None = None, normalize: bool = True
     ) -> torch.Tensor:
-        z = self.audio_proj(self.audio(wave, sample_rate).pooled)  # (B, E)
-        return F.normalize(z, dim=-1) if normalize else z
+        return self.encode_media("audio", wave, sample_rate, normalize)
 
     def encode_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True
@@ -109,13 +186,6 @@ class AutoGLMModel(nn.Module):
         """What encodes text for ITC: the separate text encoder if there is one, else the decoder
         (its ``aux_loss()`` holds the MoE terms of the last :meth:`encode_text`)."""
         return self.text if self.text_encoder is None else self.text_encoder
-
-    def encode_media(self, modality: str, media: torch.Tensor, **kwargs) -> torch.Tensor:
-        if modality == "image":
-            return self.encode_image(media, **kwargs)
-        if modality == "audio":
-            return self.encode_audio(media, **kwargs)
-        raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
 
     def forward(
         self,
@@ -137,19 +207,12 @@ class AutoGLMModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One tower pass for both uses: normalised contrastive features ``(B, E)`` and the
         decoder's media block ``<begin> tokens <end>`` ``(B, K + 2, C)``."""
-        st = self.cfg.special_tokens
-        if modality == "image":
-            out = self.vision(media)
-            proj, adapter = self.vision_proj, self.vision_adapter
-            marks = (st.begin_of_image, st.end_of_image)
-        elif modality == "audio":
-            out = self.audio(media, sample_rate)
-            proj, adapter = self.audio_proj, self.audio_adapter
-            marks = (st.begin_of_audio, st.end_of_audio)
-        else:
-            raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
-        features = F.normalize(proj(out.pooled), dim=-1)
-        return features, self._media_block(adapter(out.tokens, out.pooled), *marks)
+        m = modality_of(modality)
+        out = self.run_tower(modality, media, sample_rate)
+        features = F.normalize(getattr(self, m.proj)(out.pooled), dim=-1)
+        return features, self.media_block(
+            modality, getattr(self, m.adapter)(out.tokens, out.pooled)
+        )
 
     def fuse(
         self,
@@ -214,21 +277,27 @@ class AutoGLMModel(nn.Module):
         """Matched / not-matched logits ``(B, 2)`` from mean-pooled fused hidden states."""
         return self.itm_head(self.text.forward_head(hidden, mask, "mean"))
 
+    def embed_media(
+        self, modality: str, media: torch.Tensor, sample_rate: int | None = None
+    ) -> torch.Tensor:
+        """Media -> decoder embeddings ``(B, K, C)``: the adapter's ``K`` tokens (``adapter.
+        image_tokens`` / ``audio_tokens``, plus one with ``adapter.summary_token``)."""
+        out = self.run_tower(modality, media, sample_rate)
+        return getattr(self, modality_of(modality).adapter)(out.tokens, out.pooled)
+
     def embed_image(self, images: torch.Tensor) -> torch.Tensor:
-        """Images ``(B, 3, H, W)`` -> decoder embeddings ``(B, K, C)``: ``adapter.image_tokens``,
-        plus one with ``adapter.summary_token``."""
-        out = self.vision(images)
-        return self.vision_adapter(out.tokens, out.pooled)
+        """Images ``(B, 3, H, W)`` -> decoder embeddings ``(B, K, C)``."""
+        return self.embed_media("image", images)
 
     def embed_audio(self, wave: torch.Tensor, sample_rate: int | None = None) -> torch.Tensor:
-        """Mono audio ``(B, samples)`` -> ``adapter.audio_tokens`` (+ summary) embeddings."""
-        out = self.audio(wave, sample_rate)
-        return self.audio_adapter(out.tokens, out.pooled)
+        """Mono audio ``(B, samples)`` -> decoder embeddings ``(B, K, C)``."""
+        return self.embed_media("audio", wave, sample_rate)
 
-    def _media_block(
-        self, tokens: torch.Tensor, begin: int | None, end: int | None
-    ) -> torch.Tensor:
-        """``<begin> tokens <end>``: ``(B, K, C)`` -> ``(B, K + 2, C)``."""
+    def media_block(self, modality: str, tokens: torch.Tensor) -> torch.Tensor:
+        """``<begin> tokens <end>``, the modality's markers around its decoder embeddings:
+        ``(B, K, C)`` -> ``(B, K + 2, C)``."""
+        m, st = modality_of(modality), self.cfg.special_tokens
+        begin, end = getattr(st, m.begin), getattr(st, m.end)
         if begin is None or end is None:
             raise ValueError(
                 "the media marker ids are not set (cfg.special_tokens): build the model from "
@@ -254,21 +323,15 @@ class AutoGLMModel(nn.Module):
         ``attention_mask`` ``(B, P)`` (bool, True on real positions, padding first) and
         ``prefix_lengths`` ``(B,)``, the real positions per row.
         """
-        st = self.cfg.special_tokens
-        parts: list[torch.Tensor] = []  # (B, n, C) each
-        if images is not None:
-            parts.append(
-                self._media_block(self.embed_image(images), st.begin_of_image, st.end_of_image)
-            )
-        if audio is not None:
-            parts.append(
-                self._media_block(
-                    self.embed_audio(audio, sample_rate), st.begin_of_audio, st.end_of_audio
-                )
-            )
-        if not parts and input_ids is None:
+        media = {"image": images, "audio": audio}
+        blocks = [  # (B, K + 2, C) each, in the table's order
+            self.media_block(name, self.embed_media(name, media[name], sample_rate))
+            for name in MODALITY_TABLE
+            if media.get(name) is not None
+        ]
+        if not blocks and input_ids is None:
             raise ValueError("build_prefix needs images, audio or input_ids")
-        return self.assemble(parts, input_ids, attention_mask)
+        return self.assemble(blocks, input_ids, attention_mask)
 
     def assemble(
         self,
@@ -353,18 +416,11 @@ class AutoGLMModel(nn.Module):
         )
         yield from self.text.stream(**args)
 
-    # -- files ---------------------------------------------------------------------------------
-    def save_pretrained(self, folder: str | Path) -> Path:
-        """Write ``model.safetensors`` and ``config.json`` (``{"format_version", "model"}``)."""
-        if any(p.is_meta for p in self.parameters()):
-            raise ValueError("a model on the meta device has no weights to save")
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        state, _ = _untied_state(self)
-        state = {k: v.detach().contiguous() for k, v in state.items()}
-        save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
-        write_config(self.cfg, folder / CONFIG_NAME)
-        return folder
+    # -- files (autoglm_phone.models.io) and size (autoglm_phone.models.size) -------------------
+    def save_pretrained(self, folder: str | Path, *, tokenizer: Any = None) -> Path:
+        """Write ``model.safetensors``, ``config.json`` (``{"format_version", "model"}``) and,
+        given a Hugging Face ``tokenizer``, its files in ``tokenizer/``."""
+        return io.save_folder(self, self.cfg, folder, tokenizer)
 
     @classmethod
     def from_pretrained(
@@ -379,279 +435,20 @@ class AutoGLMModel(nn.Module):
 
         ``config`` replaces the stored config (a :class:`MultiModalConfig`) or overrides some of
         its values (a nested dict, e.g. ``{"text": {"num_layers": 2}}``); a folder's weights must
-        still fit it. ``tokenizer`` sets the vocabulary (if 0) and media markers, as
+        still fit it, which is checked against the safetensors header before the model is built.
+        ``tokenizer`` sets the vocabulary (if 0) and media markers, as
         :meth:`MultiModalConfig.with_tokenizer`. ``device`` defaults to the CPU for folders and to
         the preset's device for presets (``"meta"`` for the 9B: shapes only, no weights).
         A folder of that name wins over a preset.
         """
-        folder = Path(folder_or_preset)
-        if folder.is_dir():
-            cfg, weights = read_config(folder / CONFIG_NAME), folder / WEIGHTS_NAME
-            if not weights.is_file():
-                raise FileNotFoundError(f"{weights}: no weights file (written by save_pretrained)")
-            device = torch.device(device or "cpu")
-        elif str(folder_or_preset) in PRESETS:
-            preset = get_preset(str(folder_or_preset))
-            cfg, weights = preset.make_config(), None
-            device = torch.device(device or preset.device)
-        else:
-            raise FileNotFoundError(
-                f"{str(folder_or_preset)!r} is neither a folder nor a preset; presets: "
-                f"{', '.join(sorted(PRESETS))}"
-            )
-        cfg = override_config(cfg, config)
-        if tokenizer is not None:
-            cfg = cfg.with_tokenizer(tokenizer)
-        with torch.device(device):
-            model = cls(cfg)
-        if weights is not None and device.type != "meta":
-            model._load_weights(weights, device)
-        return model
+        return io.load_folder(cls, folder_or_preset, config, tokenizer=tokenizer, device=device)
 
-    def _load_weights(self, path: Path, device: torch.device) -> None:
-        """Load a :meth:`save_pretrained` safetensors file (strict; tied weights stored once)."""
-        state = load_file(str(path), device=str(device))
-        expected, _ = _untied_state(self)
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(
-                f"{path} does not fit the config: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]} ({len(missing)} and {len(unexpected)} in all)"
-            )
-        try:
-            self.load_state_dict(state, strict=False)  # only the tied aliases are left out
-        except RuntimeError as err:  # shape mismatches
-            raise ValueError(f"{path} does not fit the config: {err}") from err
-
-    # -- size ----------------------------------------------------------------------------------
     def summary(
         self, context_len: int | None = None, *, int4_group_size: int = 128, show: bool = True
     ) -> ModelSummary:
         """Parameters and weight memory per top-level submodule, and the FP16 KV cache of one
         sequence of ``context_len`` tokens (default ``text.max_seq_len``); prints the table."""
-        context_len = context_len or self.cfg.text.max_seq_len
-        sizes = weight_bytes(self, int4_group_size)
-        rows, seen = [], set()
-        named = [(n, list(m.parameters())) for n, m in self.named_children()]
-        named += [(n, [p]) for n, p in self.named_parameters(recurse=False)]
-        for name, params in named:
-            params = [p for p in params if id(p) not in seen]
-            seen.update(id(p) for p in params)
-            rows.append(
-                SummaryRow(
-                    name=name,
-                    params=sum(p.numel() for p in params),
-                    trainable=sum(p.numel() for p in params if p.requires_grad),
-                    bytes={k: sum(sizes[id(p)][k] for p in params) for k in PRECISIONS},
-                )
-            )
-        dtype = next(self.parameters()).dtype
-        precision = (
-            "int4" if self.cfg.quantize == "int4" else "fp32" if dtype == torch.float32 else "fp16"
-        )
-        out = ModelSummary(
-            rows=rows,
-            precision=precision,
-            context_len=context_len,
-            kv_cache_bytes=kv_cache_bytes(self.cfg.text, context_len),
-            int4_group_size=int4_group_size,
-        )
+        out = model_summary(self, self.cfg, context_len, int4_group_size)
         if show:
             print(out)
         return out
-
-
-def _untied_state(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The state dict with each tied tensor (e.g. a tied LM head) once, and alias -> kept name."""
-    state, aliases, first = {}, {}, {}
-    for name, t in module.state_dict().items():
-        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride())
-        if key in first:
-            aliases[name] = first[key]
-        else:
-            first[key] = name
-            state[name] = t
-    return state, aliases
-
-
-# -- config files ------------------------------------------------------------------------------
-def write_config(cfg: MultiModalConfig, path: str | Path) -> None:
-    data = {"format_version": FORMAT_VERSION, "model": cfg.to_dict()}
-    Path(path).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-
-
-def read_config(path: str | Path) -> MultiModalConfig:
-    """Read a ``config.json`` written by :func:`write_config`; every failure names the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no model config (a save_pretrained folder has one)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(data, dict) or set(data) != {"format_version", "model"}:
-        got = sorted(data) if isinstance(data, dict) else type(data).__name__
-        raise ValueError(
-            f"{path}: not an autoglm_phone model config; expected the keys "
-            f"'format_version' and 'model', got {got}"
-        )
-    version = data["format_version"]
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise ValueError(f"{path}: unknown format_version {version!r}")
-    if version > FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: format_version {version} is newer than this autoglm_phone reads "
-            f"({FORMAT_VERSION}); upgrade autoglm_phone to load it"
-        )
-    try:
-        return MultiModalConfig.from_dict(data["model"])
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{path}: invalid model config: {err}") from err
-
-
-def override_config(
-    cfg: MultiModalConfig, override: MultiModalConfig | dict[str, Any] | None
-) -> MultiModalConfig:
-    """``override`` itself if a config, ``cfg`` with the nested dict's values if a dict.
-
-    The decoder's derived sizes (``head_dim``, ``intermediate_size``) follow new widths unless
-    the dict sets them or ``cfg`` had them set to non-derived values.
-    """
-    if override is None or isinstance(override, MultiModalConfig):
-        return override or cfg
-    data = _merge(cfg.to_dict(), override)
-    text = override.get("text", {})
-    if text:
-        derived = DecoderConfig(**{**data["text"], **dict.fromkeys(DecoderConfig.DERIVED)})
-        base = DecoderConfig(**{**cfg.to_dict()["text"], **dict.fromkeys(DecoderConfig.DERIVED)})
-        for name in DecoderConfig.DERIVED:
-            if name not in text and getattr(cfg.text, name) == getattr(base, name):
-                data["text"][name] = getattr(derived, name)
-    return MultiModalConfig.from_dict(data)
-
-
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-# -- size accounting ---------------------------------------------------------------------------
-PRECISIONS = ("fp32", "fp16", "int4")
-
-
-def weight_bytes(model: nn.Module, int4_group_size: int = 128) -> dict[int, dict[str, float]]:
-    """Bytes of each parameter (keyed by ``id``) at FP32, FP16 and INT4.
-
-    INT4 convention (weight-only, as torchao's ``Int4WeightOnlyConfig`` default): the weight
-    matrix of every ``nn.Linear`` takes 4 bits per weight plus an FP16 scale and an FP16 zero
-    point per ``int4_group_size`` consecutive input weights (group 128: 4.25 bits per weight);
-    everything else, i.e. embeddings,
-    norms, biases, convolutions, attention-pooler in-projections, learned queries, stays FP16.
-    A weight shared by an embedding and a Linear (tied LM head) counts once, as an embedding.
-    """
-    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
-    linear -= {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    sizes = {}
-    for p in model.parameters():
-        n = p.numel()
-        int4 = 2 * n
-        if id(p) in linear:
-            out_features, in_features = p.shape
-            int4 = n / 2 + 4 * out_features * math.ceil(in_features / int4_group_size)
-        sizes[id(p)] = {"fp32": 4 * n, "fp16": 2 * n, "int4": int4}
-    return sizes
-
-
-def kv_cache_bytes(cfg: DecoderConfig, context_len: int, bytes_per_value: int = 2) -> int:
-    """Keys and values of every layer for one sequence: ``2 * L * H_kv * D * T`` values."""
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * context_len * bytes_per_value
-
-
-@dataclass
-class SummaryRow:
-    name: str
-    params: int
-    trainable: int
-    bytes: dict[str, float]  # precision -> weight bytes
-
-
-@dataclass
-class ModelSummary:
-    """What :meth:`AutoGLMModel.summary` returns; ``str()`` is the table it prints."""
-
-    rows: list[SummaryRow]  # one per top-level submodule (or parameter of the model itself)
-    precision: str  # the default column: "int4" when cfg.quantize says so, else the weights' dtype
-    context_len: int
-    kv_cache_bytes: int  # FP16, batch 1
-    int4_group_size: int
-
-    @property
-    def params(self) -> int:
-        return sum(r.params for r in self.rows)
-
-    @property
-    def trainable(self) -> int:
-        return sum(r.trainable for r in self.rows)
-
-    def weight_bytes(self, precision: str | None = None) -> float:
-        return sum(r.bytes[precision or self.precision] for r in self.rows)
-
-    def total_bytes(self, precision: str | None = None) -> float:
-        """Weights at ``precision`` (default: the summary's) plus the FP16 KV cache."""
-        return self.weight_bytes(precision) + self.kv_cache_bytes
-
-    def __str__(self) -> str:
-        head = ["module", "params", "trainable"] + [
-            p.upper() + ("*" if p == self.precision else "") for p in PRECISIONS
-        ]
-        total = SummaryRow(
-            "total", self.params, self.trainable, {p: self.weight_bytes(p) for p in PRECISIONS}
-        )
-        body = [
-            [r.name, _count(r.params), f"{100 * r.trainable / max(r.params, 1):.0f}%"]
-            + [_bytes(r.bytes[p]) for p in PRECISIONS]
-            for r in [*self.rows, total]
-        ]
-        widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
-
-        def line(cells: list[str]) -> str:
-            return "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w)
-                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-            )
-
-        rule = "-" * len(line(head))
-        return "\n".join(
-            [
-                line(head),
-                rule,
-                *(line(r) for r in body[:-1]),
-                rule,
-                line(body[-1]),
-                "",
-                f"INT4: 4-bit Linear weights + FP16 scale and zero point per {self.int4_group_size}; "
-                "embeddings, norms, biases at FP16.",
-                f"KV cache, FP16, {self.context_len} tokens, batch 1: "
-                f"{_bytes(self.kv_cache_bytes)}",
-                f"{self.precision.upper()}* weights + KV cache: {_bytes(self.total_bytes())}",
-            ]
-        )
-
-
-def _count(n: int) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(n)
-
-
-def _bytes(n: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n:.0f} B"

@@ -361,7 +361,14 @@ class AudioTower(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_dim = cfg.embed_dim
-        self.frontend = LogMel(cfg)
+        if torch.get_default_device().type == "meta":
+            # torchaudio computes the mel filterbank eagerly, which meta tensors cannot: build
+            # the (small) front end for real, then drop its storage; the blocks stay on meta.
+            with torch.device("cpu"):
+                self.frontend = LogMel(cfg)
+            self.frontend.to("meta")
+        else:
+            self.frontend = LogMel(cfg)
         self.subsample = nn.Sequential(
             nn.Conv2d(1, cfg.conv_channels, 3, stride=2, padding=1),
             nn.GELU(),
@@ -370,7 +377,7 @@ class AudioTower(nn.Module):
         )
         freq_out = math.ceil(math.ceil(cfg.n_mels / 2) / 2)
         self.proj = nn.Linear(cfg.conv_channels * freq_out, cfg.embed_dim)
-        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()
         self.blocks = nn.Sequential(
             *(
                 TimmBlock(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, qkv_bias=True, drop_path=d)
