@@ -37,6 +37,7 @@ from autoglm_phone.models.adapters import LowRankProjection, MediaAdapter
 from autoglm_phone.models.glm import AttentionMode, GLMDecoder
 from autoglm_phone.models.presets import PRESETS, get_preset
 from autoglm_phone.models.towers import AudioTower, VisionTower
+from autoglm_phone.objectives.features import clamped_logit_scale
 
 MODALITIES = ("image", "audio")
 CONFIG_NAME = "config.json"
@@ -128,7 +129,7 @@ class AutoGLMModel(nn.Module):
         return {
             "image_features": self.encode_media(modality, media),
             "text_features": self.encode_text(input_ids, attention_mask),
-            "logit_scale": self.logit_scale.clamp(max=math.log(100.0)).exp(),
+            "logit_scale": clamped_logit_scale(self.logit_scale),
         }
 
     # -- media tokens in the decoder -----------------------------------------------------------
