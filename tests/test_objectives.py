@@ -90,27 +90,36 @@ def _audio_manifest(root) -> list:
     return [root / r["audio"] for r in rows]
 
 
-def test_data_at_another_rate_reaches_the_tower_resampled(tmp_path, cache_dir):
-    """Clips at 22.05 and 44.1 kHz, decoded to a 32 kHz data rate, give the features of the
-    same clips decoded straight to the model's 16 kHz, in a training step and in eval.py."""
-    paths = _audio_manifest(tmp_path / "data")
-    cfg = compose_train(
+def _audio_cfg(tmp_path, cache_dir, *extra: str):
+    """A small run on :func:`_audio_manifest`'s clips."""
+    return compose_train(
         [
-            "experiment=itm_mlm_pretrain",
             "data=manifest",
             f"data.path={tmp_path / 'data' / 'pairs.jsonl'}",
             "data.modalities=[audio]",
-            f"data.sample_rate={DATA_RATE}",
-            "data.batch_size=4",
             "data.eval_batch_size=4",
-            f"model.audio.sample_rate={MODEL_RATE}",
             "model.audio.depth=1",
             "model.vision.depth=1",
             "logger=csv",
             "logger.name=none",
             f"paths.output_dir={tmp_path / 'run'}",
             f"paths.cache_dir={cache_dir}",
+            *extra,
         ]
+    )
+
+
+def test_data_at_another_rate_reaches_the_tower_resampled(tmp_path, cache_dir):
+    """Clips at 22.05 and 44.1 kHz, decoded to a 32 kHz data rate, give the features of the
+    same clips decoded straight to the model's 16 kHz, in a training step and in eval.py."""
+    paths = _audio_manifest(tmp_path / "data")
+    cfg = _audio_cfg(
+        tmp_path,
+        cache_dir,
+        "experiment=itm_mlm_pretrain",
+        f"data.sample_rate={DATA_RATE}",
+        "data.batch_size=4",
+        f"model.audio.sample_rate={MODEL_RATE}",
     )
     built = build(cfg)
     module, dm = built.module.eval(), built.datamodule
@@ -138,22 +147,8 @@ def test_data_at_another_rate_reaches_the_tower_resampled(tmp_path, cache_dir):
 
 
 def test_eval_refuses_non_finite_embeddings_naming_modality_and_split(tmp_path, cache_dir):
-    paths = _audio_manifest(tmp_path / "data")
-    assert paths
-    cfg = compose_train(
-        [
-            "data=manifest",
-            f"data.path={tmp_path / 'data' / 'pairs.jsonl'}",
-            "data.modalities=[audio]",
-            "data.eval_batch_size=4",
-            "model.audio.depth=1",
-            "model.vision.depth=1",
-            "logger=csv",
-            "logger.name=none",
-            f"paths.output_dir={tmp_path / 'run'}",
-            f"paths.cache_dir={cache_dir}",
-        ]
-    )
+    _audio_manifest(tmp_path / "data")
+    cfg = _audio_cfg(tmp_path, cache_dir)
     built = build(cfg)
     model = built.module.model.eval()
     with torch.no_grad():

@@ -98,13 +98,13 @@ def fused_report(
         if "rerank" in tasks:
             _keep_for_rerank(store, feats, batch)
         if "itm" in tasks:
-            logits, labels = itm.pairs(model, batch, feats, gen)
+            logits, labels = itm.targets(model, batch, feats, gen)
             right = logits.argmax(-1) == labels
             add("itm_pos", right[labels == 1])
             add("itm_neg", right[labels == 0])
             add("itm_all", right[labels >= 0])
         if "mlm" in tasks:
-            logits, labels = mlm.logits(model, batch, feats, gen)
+            logits, labels = mlm.targets(model, batch, feats, gen)
             target = labels >= 0
             add("mlm", (logits.argmax(-1) == labels)[target])
             hist = hist + torch.bincount(labels[target], minlength=len(hist))

@@ -10,6 +10,7 @@ and every caller hands that rate to the tower with :func:`media_kwargs`, which r
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,9 @@ import torch
 
 if TYPE_CHECKING:
     from autoglm_phone.models.autoglm import AutoGLMModel
+
+Batch = dict[str, Any]  # a collated batch (autoglm_phone/app/datamodule.py lists its keys)
+Generator = torch.Generator | None  # seeded draws (evaluation), or the global RNG
 
 # CLIP (Radford et al. 2021, Sec. 2.5) clips the learned logit scale at 100 (temperature 0.01)
 MAX_LOG_LOGIT_SCALE = math.log(100.0)
@@ -77,3 +81,27 @@ class ObjectiveOutput:
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     aux: torch.Tensor | None = None
+
+
+class LabelledObjective:
+    """An objective that ends in class logits with ``-100`` where a position has no label (ITM,
+    MLM): subclasses give :meth:`targets` and their loss and accuracy functions."""
+
+    name: str
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    accuracy_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+    def targets(
+        self, model: AutoGLMModel, batch: Batch, feats: Features, generator: Generator = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def __call__(
+        self, model: AutoGLMModel, batch: dict[str, Any], feats: Features
+    ) -> ObjectiveOutput:
+        logits, labels = self.targets(model, batch, feats)
+        return ObjectiveOutput(
+            self.loss_fn(logits, labels),
+            {f"{self.name}_acc": self.accuracy_fn(logits, labels)},
+            model.text.aux_loss(),  # the decoder pass that made the logits
+        )

@@ -7,12 +7,12 @@ caption id), the decoder fuses the ``3B`` pairs and the ITM head scores them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from autoglm_phone.losses.itm import itm_accuracy, itm_loss, itm_targets, sample_hard_negatives
-from autoglm_phone.objectives.features import Features, ObjectiveOutput
+from autoglm_phone.objectives.features import Batch, Features, Generator, LabelledObjective
 
 if TYPE_CHECKING:
     from autoglm_phone.models.autoglm import AutoGLMModel
@@ -33,15 +33,13 @@ def match_logits(
     return model.itm_logits(hidden, mask)
 
 
-class ITM:
+class ITM(LabelledObjective):
     name = "itm"
+    loss_fn = staticmethod(itm_loss)
+    accuracy_fn = staticmethod(itm_accuracy)
 
-    def pairs(
-        self,
-        model: AutoGLMModel,
-        batch: dict[str, Any],
-        feats: Features,
-        generator: torch.Generator | None = None,
+    def targets(
+        self, model: AutoGLMModel, batch: Batch, feats: Features, generator: Generator = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``(3B, 2)`` and labels ``(3B,)`` of the positive and hard-negative pairs."""
         sim = feats.similarity()  # (B, B) read without gradient by the sampler
@@ -53,13 +51,3 @@ class ITM:
             model, feats.block, batch["input_ids"], batch["attention_mask"], mi, ti
         )
         return logits, labels
-
-    def __call__(
-        self, model: AutoGLMModel, batch: dict[str, Any], feats: Features
-    ) -> ObjectiveOutput:
-        logits, labels = self.pairs(model, batch, feats)
-        return ObjectiveOutput(
-            itm_loss(logits, labels),
-            {"itm_acc": itm_accuracy(logits, labels)},
-            model.text.aux_loss(),
-        )
