@@ -58,6 +58,6 @@ def test_itc_other_captions_of_the_same_item_are_not_negatives():
     assert ours.item() == pytest.approx(expected.item(), abs=1e-12)
     plain = itc_loss()(img, txt, scale)
     assert plain.item() > ours.item() + 0.1  # unmasked, the twin caption costs as a negative
-    # unique items: exactly open_clip's ClipLoss, gradient included
+    # unique items: exactly open_clip's ClipLoss
     unique = itc_loss()(img, txt, scale, item_ids=torch.tensor([1, 2, 3]))
     assert unique.item() == pytest.approx(plain.item(), abs=1e-12)

@@ -3,6 +3,7 @@ import random
 import pytest
 import torch
 
+from autoglm_phone.app.evaluate import retrieval_report
 from autoglm_phone.metrics import chance_metrics, first_correct_rank, retrieval_metrics
 
 
@@ -63,8 +64,6 @@ def test_non_finite_similarities_raise(bad):
 
 
 def test_item_protocol_scores_a_perfect_model_perfectly_with_repeated_rows():
-    from autoglm_phone.app.evaluate import retrieval_report
-
     # 3 items (10, 20, 30) with 2, 1, 2 captions; each feature is its item's axis (perfect)
     items = [10, 10, 20, 30, 30]
     keys = [1, 2, 3, 4, 5]

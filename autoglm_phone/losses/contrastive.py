@@ -24,10 +24,12 @@ class ItemClipLoss(ClipLoss):
         image_features: torch.Tensor,
         text_features: torch.Tensor,
         logit_scale: torch.Tensor,
-        item_ids: torch.Tensor | None = None,
         logit_bias: torch.Tensor | None = None,
         output_dict: bool = False,
+        *,
+        item_ids: torch.Tensor | None = None,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """``ClipLoss.forward`` (same positional arguments), plus ``item_ids`` by keyword."""
         if item_ids is None:
             return super().forward(
                 image_features, text_features, logit_scale, logit_bias, output_dict
