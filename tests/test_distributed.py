@@ -16,11 +16,12 @@ from autoglm_phone.losses import itc_loss
 WORLD = 2
 
 
-def _itc_step(x_img, x_txt, w_img, w_txt, log_scale, rank=0, world=1):
-    """Features of this rank's share of the batch through shared weights, then the ITC loss."""
+def _itc_step(x_img, x_txt, items, w_img, w_txt, log_scale, rank=0, world=1):
+    """Features of this rank's share of the batch through shared weights, then the ITC loss
+    (pairs of the same item, here across ranks too, masked)."""
     img = F.normalize(x_img @ w_img, dim=-1)  # (B / world, E)
     txt = F.normalize(x_txt @ w_txt, dim=-1)
-    return itc_loss(rank=rank, world_size=world)(img, txt, log_scale.exp())
+    return itc_loss(rank=rank, world_size=world)(img, txt, log_scale.exp(), item_ids=items)
 
 
 def _itc_rank(rank: int, init: str, inputs: dict, out: str) -> None:
@@ -30,7 +31,8 @@ def _itc_rank(rank: int, init: str, inputs: dict, out: str) -> None:
         share = slice(
             rank * len(inputs["x_img"]) // WORLD, (rank + 1) * len(inputs["x_img"]) // WORLD
         )
-        loss = _itc_step(inputs["x_img"][share], inputs["x_txt"][share], *params, rank, WORLD)
+        x_img, x_txt, items = (inputs[k][share] for k in ("x_img", "x_txt", "items"))
+        loss = _itc_step(x_img, x_txt, items, *params, rank, WORLD)
         loss.backward()
         grads = []
         for p in params:  # what DDP does with every gradient: the mean over ranks
@@ -49,6 +51,8 @@ def test_itc_loss_gathered_over_two_ranks_equals_one_process(tmp_path):
     inputs = {
         "x_img": torch.randn(batch, dim, generator=g),
         "x_txt": torch.randn(batch, dim, generator=g),
+        # items 0 and 1 have a caption on each rank, item 2 two on rank 1
+        "items": torch.tensor([0, 1, 3, 4, 5, 6, 0, 1, 2, 2, 7, 8]),
         "params": [
             torch.randn(dim, embed, generator=g),
             torch.randn(dim, embed, generator=g),
@@ -65,7 +69,7 @@ def test_itc_loss_gathered_over_two_ranks_equals_one_process(tmp_path):
     )
 
     params = [p.clone().requires_grad_() for p in inputs["params"]]
-    loss = _itc_step(inputs["x_img"], inputs["x_txt"], *params)
+    loss = _itc_step(inputs["x_img"], inputs["x_txt"], inputs["items"], *params)
     loss.backward()
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
@@ -74,7 +78,7 @@ def test_itc_loss_gathered_over_two_ranks_equals_one_process(tmp_path):
             torch.testing.assert_close(g_rank, p.grad, atol=1e-5, rtol=0)
     # the gathered loss is not the mean of the two half-batch losses (fewer negatives each)
     halves = [
-        _itc_step(inputs["x_img"][s], inputs["x_txt"][s], *inputs["params"])
+        _itc_step(inputs["x_img"][s], inputs["x_txt"][s], inputs["items"][s], *inputs["params"])
         for s in (slice(0, batch // 2), slice(batch // 2, batch))
     ]
     assert abs(float(sum(halves) / 2) - loss.item()) > 1e-3

@@ -29,27 +29,29 @@ from tqdm import tqdm
 
 from autoglm_phone.data.instructions import DESCRIBE, format_chat, parse_answer, tokenize_chat
 from autoglm_phone.data.synthetic import parse_caption
-from autoglm_phone.losses import (
-    itm_targets,
-    prefix_lm_loss,
-    sample_hard_negatives,
-)
 from autoglm_phone.metrics import chance_metrics, retrieval_metrics
 from autoglm_phone.models.autoglm import AutoGLMModel
+from autoglm_phone.objectives import (
+    ITM,
+    MLM,
+    Features,
+    ObjectiveConfig,
+    PrefixLM,
+    clamped_logit_scale,
+    encode_batch,
+    match_logits,
+)
 
 FUSED_TASKS = ("itm", "rerank", "mlm", "perplexity", "captioning")
 
 
 def tasks_for(objective: dict[str, Any]) -> list[str]:
     """The fused evaluations a checkpoint was trained for (its objective weights)."""
-    tasks = []
-    if objective.get("itm_weight", 0) > 0:
-        tasks += ["itm", "rerank"]
-    if objective.get("mlm_weight", 0) > 0:
-        tasks.append("mlm")
-    if objective.get("lm_weight", 0) > 0:
-        tasks += ["perplexity", "captioning"]
-    return tasks
+    cfg = ObjectiveConfig.from_dict(objective)
+    return [task for name in ("itm", "mlm", "lm") if cfg.active(name) for task in TASKS_OF[name]]
+
+
+TASKS_OF = {"itm": ("itm", "rerank"), "mlm": ("mlm",), "lm": ("perplexity", "captioning")}
 
 
 def _pad_cat(parts: list[torch.Tensor], value: int | bool) -> torch.Tensor:
@@ -89,37 +91,28 @@ def fused_report(
         return total / count if count else float("nan")
 
     store: dict[str, list] = defaultdict(list)
+    itm, mlm, lm = ITM(), MLM(mask_prob=0.15), PrefixLM()
     for batch in tqdm(loader, desc=f"fused eval {modality}", leave=False):
-        ids, am = batch["input_ids"], batch["attention_mask"]
-        media, block = model.encode_media_tokens(modality, batch["media"])
-        text = model.encode_text(ids, am)
-        scale = model.logit_scale.clamp(max=4.6052).exp()
+        feats = encode_batch(model, batch, text=True, block=True)
+        block = feats.block
         if "rerank" in tasks:
-            _keep_for_rerank(store, media, text, block, batch)
+            _keep_for_rerank(store, feats, batch)
         if "itm" in tasks:
-            keys = batch["caption_id"]
-            sim = scale * media @ text.T
-            neg_text, ok_text = sample_hard_negatives(sim, keys, keys, gen)
-            neg_media, ok_media = sample_hard_negatives(sim.T, keys, keys, gen)
-            mi, ti, labels = itm_targets(neg_text, neg_media, ok_text, ok_media)
-            logits = model.itm_logits(*model.fuse(block[mi], ids[ti], am[ti]))
+            logits, labels = itm.targets(model, batch, feats, gen)
             right = logits.argmax(-1) == labels
             add("itm_pos", right[labels == 1])
             add("itm_neg", right[labels == 0])
             add("itm_all", right[labels >= 0])
         if "mlm" in tasks:
-            logits, labels = model.masked_lm(block, ids, am, generator=gen)
+            logits, labels = mlm.targets(model, batch, feats, gen)
             target = labels >= 0
             add("mlm", (logits.argmax(-1) == labels)[target])
             hist = hist + torch.bincount(labels[target], minlength=len(hist))
         if "perplexity" in tasks:
             prompts = [DESCRIBE[modality]] * len(batch["caption"])
             chat = tokenize_chat(tokenizer, prompts, batch["caption"], (modality,))
-            logits, target, scored = model.prefix_lm(
-                [block], chat["input_ids"], chat["attention_mask"], chat["loss_mask"]
-            )
-            nll, _ = prefix_lm_loss(logits, target, scored)
-            n = scored[:, 1:].sum()
+            nll, _ = lm.score(model, block, chat)
+            n = (chat["loss_mask"].bool() & chat["attention_mask"].bool())[:, 1:].sum()
             sums["nll"][0] += (nll * n).item()
             sums["nll"][1] += n.item()
         if "captioning" in tasks:
@@ -171,11 +164,11 @@ def fused_report(
     return report
 
 
-def _keep_for_rerank(store: dict[str, list], media, text, block, batch) -> None:
+def _keep_for_rerank(store: dict[str, list], feats: Features, batch: dict[str, Any]) -> None:
     for key, value in (
-        ("media", media),
-        ("text", text),
-        ("block", block),
+        ("media", feats.media),
+        ("text", feats.text),
+        ("block", feats.block),
         ("ids", batch["input_ids"]),
         ("am", batch["attention_mask"]),
         ("keys", batch["caption_id"]),
@@ -190,9 +183,7 @@ def fit_rerank_weight_on(
     """:func:`fit_rerank_weight` on ``loader`` (the validation split)."""
     store: dict[str, list] = defaultdict(list)
     for batch in tqdm(loader, desc=f"fit re-rank weight {modality}", leave=False):
-        media, block = model.encode_media_tokens(modality, batch["media"])
-        text = model.encode_text(batch["input_ids"], batch["attention_mask"])
-        _keep_for_rerank(store, media, text, block, batch)
+        _keep_for_rerank(store, encode_batch(model, batch, text=True, block=True), batch)
     return fit_rerank_weight(rerank_scores(model, store, modality, k, batch_size))
 
 
@@ -235,8 +226,7 @@ def rerank_scores(
     for i, key in enumerate(keys):
         first.setdefault(key, i)
     gallery_keys, cap = list(first), torch.tensor(list(first.values()))
-    scale = model.logit_scale.clamp(max=4.6052).exp()
-    sim = scale * media @ text[cap].T  # (N, G) ITC logits
+    sim = clamped_logit_scale(model.logit_scale) * media @ text[cap].T  # (N, G) ITC logits
     out = {}
     for name, s, q_keys, g_keys, pairs in (
         (f"{modality}->text", sim, keys, gallery_keys, lambda q, g: (q, cap[g])),
@@ -248,7 +238,7 @@ def rerank_scores(
         itm = []
         for start in range(0, len(m_idx), batch_size):
             mi, ti = m_idx[start : start + batch_size], t_idx[start : start + batch_size]
-            logits = model.itm_logits(*model.fuse(block[mi], ids[ti], am[ti]))
+            logits = match_logits(model, block, ids, am, mi, ti)
             itm.append(logits[:, 1] - logits[:, 0])  # ITM log-odds of "matched"
         out[name] = {
             "itc": s,

@@ -28,6 +28,7 @@ from autoglm_phone.checkpoint import load_model
 from autoglm_phone.data.records import format_summary, summarize
 from autoglm_phone.metrics import KS, chance_metrics, retrieval_metrics
 from autoglm_phone.models.autoglm import AutoGLMModel
+from autoglm_phone.objectives import encode_batch
 
 
 def load_checkpoint(path: str | Path) -> tuple[AutoGLMModel, Any, dict[str, Any]]:
@@ -37,22 +38,27 @@ def load_checkpoint(path: str | Path) -> tuple[AutoGLMModel, Any, dict[str, Any]
 
 
 @torch.no_grad()
-def embed_split(model: AutoGLMModel, loader, desc: str) -> dict[str, torch.Tensor]:
+def embed_split(model: AutoGLMModel, loader, modality: str, split: str) -> dict[str, torch.Tensor]:
+    """Contrastive features of a split, one row per loaded pair (media and caption), with the
+    caption and item ids; refuses non-finite features (a diverged model has no recall)."""
     media, text, keys, items, skipped = [], [], [], [], []
-    for batch in tqdm(loader, desc=desc, leave=False):
-        out = model(batch["modality"], batch["media"], batch["input_ids"], batch["attention_mask"])
-        media.append(out["image_features"])
-        text.append(out["text_features"])
+    for batch in tqdm(loader, desc=f"embed {modality}", leave=False):
+        feats = encode_batch(model, batch, text=True)  # the batch's sample rate reaches the tower
+        media.append(feats.media)
+        text.append(feats.text)
         keys.append(batch["caption_id"])
         items.append(batch["item_id"])
         skipped += batch["skipped"]
-    return {
-        "media": torch.cat(media),
-        "text": torch.cat(text),
-        "keys": torch.cat(keys),
-        "items": torch.cat(items),
-        "skipped": skipped,
-    }
+    emb = {"media": torch.cat(media), "text": torch.cat(text)}
+    for side, name in (("media", modality), ("text", "text")):
+        bad = (~torch.isfinite(emb[side])).any(dim=1)  # (N,)
+        if bad.any():
+            raise ValueError(
+                f"the {name} embeddings of the {split} split ({modality} pairs) hold NaN or inf "
+                f"in {int(bad.sum())} of {len(bad)} rows: the model has diverged; no retrieval "
+                "numbers are reported"
+            )
+    return {**emb, "keys": torch.cat(keys), "items": torch.cat(items), "skipped": skipped}
 
 
 PROTOCOLS = {
@@ -79,13 +85,15 @@ def retrieval_report(
         media_keys, text_keys = keys, list(uniq)
         media, text = emb["media"], emb["text"][list(uniq.values())]  # one per unique caption
     elif protocol == "item":
-        # rows repeated by bad-sample replacement collapse to one (item, caption) pair
-        pairs = _first(list(zip(emb["items"].tolist(), emb["keys"].tolist(), strict=True)))
-        rows = list(pairs.values())
+        # rows repeated by bad-sample replacement (or a repeated row) collapse to one
+        # (item, caption) pair; every index below is a row of ``emb``
+        item_ids = emb["items"].tolist()
+        pairs = _first(list(zip(item_ids, emb["keys"].tolist(), strict=True)))
         text_keys = [item for item, _ in pairs]  # (T,) every caption once, keyed by its item
-        items = _first(text_keys)
-        media_keys = list(items)  # (M,) every item once
-        media, text = emb["media"][list(items.values())], emb["text"][rows]
+        media_rows = _first(item_ids)  # item -> its first row
+        media_keys = list(media_rows)  # (M,) every item once
+        media = emb["media"][list(media_rows.values())]
+        text = emb["text"][list(pairs.values())]
     else:
         raise ValueError(f"unknown protocol {protocol!r}; expected one of {list(PROTOCOLS)}")
     sim = media @ text.T  # (M, T)
@@ -174,7 +182,7 @@ def run(cfg: DictConfig, data_overrides: list[str] | None = None) -> dict[str, A
     report: dict[str, dict[str, float]] = {}
     skipped: dict[str, dict[str, Any]] = {}
     for modality, loader in zip(data_cfg.modalities, loaders, strict=True):
-        emb = embed_split(model, loader, f"embed {modality}")
+        emb = embed_split(model, loader, modality, cfg.split)
         report.update(retrieval_report(emb, modality, dm.protocol))
         skipped[modality] = summarize(emb["skipped"])
         if skipped[modality]["total"]:

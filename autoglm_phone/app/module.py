@@ -1,8 +1,9 @@
 """LightningModule for every recipe: ITC, ITM, MLM and prefix-LM objectives, fine-tuning, distillation.
 
-One module, composed from ``objective`` weights: a weight of 0 switches a loss off, so
-``itc_pretrain`` runs only the contrastive towers and ``caption_sft`` only the prefix LM. Each
-tower runs once per batch; ITM, MLM and the LM reuse its tokens. ``finetune`` freezes modules,
+One module, composed from ``objective`` weights (:class:`autoglm_phone.objectives.ObjectiveConfig`):
+a weight of 0 switches a loss off, so ``itc_pretrain`` runs only the contrastive towers and
+``caption_sft`` only the prefix LM. The objectives themselves live in ``autoglm_phone.objectives``
+(shared with ``eval.py``); each tower runs once per batch and ITM, MLM and the LM reuse its tokens. ``finetune`` freezes modules,
 unfreezes a tower's upper blocks on a schedule, or wraps layers in peft LoRA.
 
 Hyper-parameters are plain dicts (model config, optimiser, objective, fine-tuning, data,
@@ -18,8 +19,7 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -29,20 +29,15 @@ from autoglm_phone.checkpoint import (
     read_model_state,
 )
 from autoglm_phone.config import MultiModalConfig
-from autoglm_phone.losses import (
-    itc_loss,
-    itm_accuracy,
-    itm_loss,
-    itm_targets,
-    masked_accuracy,
-    mlm_loss,
-    prefix_lm_loss,
-    sample_hard_negatives,
-)
 from autoglm_phone.metrics import retrieval_metrics
 from autoglm_phone.models.autoglm import AutoGLMModel
-
-LOSSES = ("itc", "itm", "mlm", "lm", "distill")  # objective.<name>_weight (distill.weight)
+from autoglm_phone.objectives import (
+    Features,
+    ObjectiveConfig,
+    build_objectives,
+    clamped_logit_scale,
+    compute,
+)
 
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -125,37 +120,37 @@ class PretrainModule(L.LightningModule):
         self._no_decay = {
             n for n, p in self.model.named_parameters() if p.dim() < 2 or "embed" in n
         }
-        self.weights = {name: self._weight(name) for name in LOSSES}
-        self.itc = itc_loss()
-        self.teacher: list[AutoGLMModel] = []  # a list: not a submodule, not in the checkpoint
+        self.objective = ObjectiveConfig.from_dict(objective)  # unknown keys fail by name
+        self.weights = self.objective.weights
+        self.objectives = build_objectives(self.objective)
         self._val: dict[str, dict[str, list[torch.Tensor]]] = {}
         self._apply_freeze(epoch=0)
 
-    def _weight(self, name: str) -> float:
-        o = self.hparams.objective
-        return float(o["distill"]["weight"] if name == "distill" else o.get(f"{name}_weight", 0.0))
-
     def setup(self, stage: str) -> None:
-        self.itc = itc_loss(rank=self.global_rank, world_size=self.trainer.world_size)
+        # ITC gathers across this run's processes
+        self.objectives = build_objectives(
+            self.objective, rank=self.global_rank, world_size=self.trainer.world_size
+        )
         self.load_teacher()
 
     def load_teacher(self) -> None:
-        """The frozen distillation teacher, if the objective has one (once)."""
-        teacher_ckpt = self.hparams.objective["distill"]["teacher_ckpt"]
-        if self.weights["distill"] > 0 and not self.teacher:
-            if not teacher_ckpt:
-                raise ValueError(
-                    "objective.distill.weight > 0 needs objective.distill.teacher_ckpt"
-                )
-            state, hp = read_model_state(teacher_ckpt)
-            teacher = build_model(hp, state, source=teacher_ckpt)
-            teacher.load_state_dict(state)
-            if teacher.cfg.vision.img_size != self.model.cfg.vision.img_size:
-                raise ValueError(
-                    f"teacher img_size {teacher.cfg.vision.img_size} != student "
-                    f"{self.model.cfg.vision.img_size}: both must see the same batches"
-                )
-            self.teacher.append(teacher.eval().requires_grad_(False).to(self.device))
+        """The frozen distillation teacher, if the objective has one (once). Not a submodule:
+        it is not trained and not saved in the checkpoint."""
+        distill = self.objectives.get("distill")
+        if distill is None or distill.teacher is not None:
+            return
+        teacher_ckpt = self.objective.distill.teacher_ckpt
+        if not teacher_ckpt:
+            raise ValueError("objective.distill.weight > 0 needs objective.distill.teacher_ckpt")
+        state, hp = read_model_state(teacher_ckpt)
+        teacher = build_model(hp, state, source=teacher_ckpt)
+        teacher.load_state_dict(state)
+        if teacher.cfg.vision.img_size != self.model.cfg.vision.img_size:
+            raise ValueError(
+                f"teacher img_size {teacher.cfg.vision.img_size} != student "
+                f"{self.model.cfg.vision.img_size}: both must see the same batches"
+            )
+        distill.teacher = teacher.eval().requires_grad_(False).to(self.device)
 
     # -- freezing ------------------------------------------------------------------------------
     def _unfreeze_modules(self) -> list[nn.Module]:
@@ -193,82 +188,10 @@ class PretrainModule(L.LightningModule):
     # -- objectives ----------------------------------------------------------------------------
     def _objectives(
         self, batch: dict[str, Any]
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Unweighted losses, metrics and features of one modality's batch."""
-        m, w = self.model, self.weights
-        modality, ids, am = batch["modality"], batch["input_ids"], batch["attention_mask"]
-        fused = w["itm"] > 0 or w["mlm"] > 0 or w["lm"] > 0
-        if fused:  # one tower pass: pooled features and the decoder's media block
-            media, block = m.encode_media_tokens(modality, batch["media"])
-        else:
-            media, block = m.encode_media(modality, batch["media"]), None
-        losses: dict[str, torch.Tensor] = {}
-        metrics: dict[str, torch.Tensor] = {}
-        aux: list[torch.Tensor] = []  # MoE balancing terms, one per decoder pass
-        feats = {"media": media}
-        if w["itc"] > 0 or w["itm"] > 0 or w["distill"] > 0:
-            feats["text"] = m.encode_text(ids, am)
-            aux.append(m.itc_text_tower.aux_loss())
-            scale = m.logit_scale.clamp(max=math.log(100.0)).exp()
-            if w["itc"] > 0:
-                losses["itc"] = self.itc(media, feats["text"], scale)
-            if w["distill"] > 0:
-                losses["distill"] = self._distill(batch, media, feats["text"], scale)
-        if w["itm"] > 0:
-            sim = scale * media @ feats["text"].T  # (B, B) read without gradient by the sampler
-            keys = batch["caption_id"]
-            neg_text, ok_text = sample_hard_negatives(sim, keys, keys)
-            neg_media, ok_media = sample_hard_negatives(sim.T, keys, keys)
-            mi, ti, labels = itm_targets(neg_text, neg_media, ok_text, ok_media)  # (3B,) each
-            hidden, mask = m.fuse(block[mi], ids[ti], am[ti])
-            aux.append(m.text.aux_loss())
-            logits = m.itm_logits(hidden, mask)  # (3B, 2)
-            losses["itm"], metrics["itm_acc"] = (
-                itm_loss(logits, labels),
-                itm_accuracy(logits, labels),
-            )
-        if w["mlm"] > 0:
-            logits, labels = m.masked_lm(block, ids, am, self.hparams.objective["mlm_prob"])
-            aux.append(m.text.aux_loss())
-            losses["mlm"], metrics["mlm_acc"] = (
-                mlm_loss(logits, labels),
-                masked_accuracy(logits, labels),
-            )
-        if w["lm"] > 0:
-            if "chat_input_ids" not in batch:
-                raise ValueError("objective.lm_weight > 0 needs data.instructions=true")
-            logits, target, scored = m.prefix_lm(
-                [block],
-                batch["chat_input_ids"],
-                batch["chat_attention_mask"],
-                batch["chat_loss_mask"],
-            )  # (B, P, V)
-            aux.append(m.text.aux_loss())
-            losses["lm"], metrics["lm_acc"] = prefix_lm_loss(logits, target, scored)
-        losses["moe_aux"] = torch.stack(aux).sum() if aux else media.new_zeros(())
-        return losses, metrics, feats
-
-    def _distill(
-        self, batch: dict[str, Any], media: torch.Tensor, text: torch.Tensor, scale: torch.Tensor
-    ) -> torch.Tensor:
-        """Temperature-scaled KL from the teacher's to the student's in-batch similarity
-        distributions, media->text and text->media (Hinton et al. 2015; scaled by ``T^2``)."""
-        teacher, t = self.teacher[0], self.hparams.objective["distill"]["temperature"]
-        with torch.no_grad():
-            out = teacher(
-                batch["modality"], batch["media"], batch["input_ids"], batch["attention_mask"]
-            )
-            target = out["logit_scale"] * out["image_features"] @ out["text_features"].T  # (B, B)
-        student = scale * media @ text.T  # (B, B)
-        kl = 0.0
-        for s, q in ((student, target), (student.T, target.T)):
-            kl = kl + F.kl_div(
-                F.log_softmax(s / t, dim=-1),
-                F.log_softmax(q / t, dim=-1),
-                log_target=True,
-                reduction="batchmean",
-            )
-        return kl / 2 * t * t
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], Features]:
+        """Unweighted losses, metrics and features of one modality's batch
+        (:func:`autoglm_phone.objectives.compute`)."""
+        return compute(self.model, batch, self.objectives, self.objective)
 
     def _total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(self.weights.get(k, 1.0) * v for k, v in losses.items())  # moe_aux: weight 1
@@ -284,7 +207,7 @@ class PretrainModule(L.LightningModule):
             self._log_moe(modality)
             total = total + self._total(losses)
         self.log("train/loss", total, prog_bar=True)
-        self.log("train/temperature", 1.0 / self.model.logit_scale.exp().detach())
+        self.log("train/temperature", 1.0 / clamped_logit_scale(self.model.logit_scale.detach()))
         return total
 
     def _log_moe(self, modality: str) -> None:
@@ -307,20 +230,23 @@ class PretrainModule(L.LightningModule):
         for name, value in {**losses, **metrics}.items():
             self.log(f"val/{name}_{m}", value, batch_size=n, add_dataloader_idx=False)
         self.log(f"val/total_{m}", self._total(losses), batch_size=n, add_dataloader_idx=False)
-        if "text" in feats:
+        if feats.text is not None:
             store = self._val.setdefault(m, {"media": [], "text": [], "key": []})
-            store["media"].append(feats["media"])
-            store["text"].append(feats["text"])
+            store["media"].append(feats.media)
+            store["text"].append(feats.text)
             store["key"].append(batch["caption_id"])
 
     def on_validation_epoch_end(self) -> None:
         for m, store in self._val.items():
             media, text, keys = (self._gather(store[k]) for k in ("media", "text", "key"))
-            # media -> caption retrieval over the unique captions of the split
+            # media -> caption retrieval over the unique captions of the split (eval.py's metric)
             uniq, first = _unique_first(keys)
-            metrics = retrieval_metrics(
-                media @ text[first].T, keys.tolist(), uniq.tolist(), ks=(1, 5)
-            )
+            sim = media @ text[first].T  # (N, U)
+            if torch.isfinite(sim).all():
+                metrics = retrieval_metrics(sim, keys.tolist(), uniq.tolist(), ks=(1, 5))
+            else:  # a diverged model: no recall to report, and training goes on to say so
+                rank_zero_warn(f"val/{m}: non-finite embeddings, retrieval logged as NaN")
+                metrics = {"R@1": math.nan, "R@5": math.nan}
             self.log(f"val/{m}2text_R@1", metrics["R@1"], rank_zero_only=True)
             self.log(f"val/{m}2text_R@5", metrics["R@5"], rank_zero_only=True)
         totals = [v for k, v in self.trainer.callback_metrics.items() if k.startswith("val/total_")]

@@ -2,8 +2,9 @@
 
 Registered in Hydra's ConfigStore and listed first in ``conf/train.yaml`` / ``conf/eval.yaml``
 defaults, so an unknown key or a value of the wrong type fails at start-up, before any data or
-model loads, with Hydra's message naming the key. The model schema *is* the library's
-:class:`~autoglm_phone.config.MultiModalConfig`.
+model loads, with Hydra's message naming the key. The model and objective schemas *are* the
+library's :class:`~autoglm_phone.config.MultiModalConfig` and
+:class:`~autoglm_phone.objectives.ObjectiveConfig`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from autoglm_phone.config import DecoderConfig, MultiModalConfig
+from autoglm_phone.objectives import ObjectiveConfig
 
 
 @dataclass
@@ -65,27 +67,6 @@ class OptimConfig:
     # LR multipliers by parameter-name prefix, e.g. {vision: 3.0, vision_adapter: 2.0}: the
     # longest matching prefix wins, the rest train at lr (`python train.py +optim.lr_ratios.vision=3`)
     lr_ratios: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class DistillConfig:
-    """Knowledge distillation from a trained checkpoint (``teacher_ckpt``) into this model."""
-
-    teacher_ckpt: str | None = None
-    temperature: float = 2.0  # softens both similarity distributions; the KL is scaled by T^2
-    weight: float = 0.0  # loss += weight * KL(teacher || student); 0: no distillation
-
-
-@dataclass
-class ObjectiveConfig:
-    """Per modality: ``loss = sum_k weight_k * loss_k`` (+ the MoE balancing terms)."""
-
-    itc_weight: float = 1.0  # contrastive, open_clip's ClipLoss
-    itm_weight: float = 0.0  # matching with ITC hard negatives (ALBEF)
-    mlm_weight: float = 0.0  # masked caption tokens with the media visible (BERT 80/10/10)
-    mlm_prob: float = 0.15
-    lm_weight: float = 0.0  # prefix LM on instruction responses (needs data.instructions=true)
-    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 @dataclass

@@ -51,6 +51,7 @@ from autoglm_phone.models.size import (  # noqa: F401  (re-exported: the names' 
     weight_bytes,
 )
 from autoglm_phone.models.towers import AudioTower, TowerOutput, VisionTower
+from autoglm_phone.objectives.features import clamped_logit_scale
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,7 @@ class AutoGLMModel(nn.Module):
         return {
             "image_features": self.encode_media(modality, media),
             "text_features": self.encode_text(input_ids, attention_mask),
-            "logit_scale": self.logit_scale.clamp(max=math.log(100.0)).exp(),
+            "logit_scale": clamped_logit_scale(self.logit_scale),
         }
 
     # -- media tokens in the decoder -----------------------------------------------------------
