@@ -13,8 +13,8 @@ from conftest import ROOT
 from datafixtures import caption, make_audiocaps, make_coco, make_manifest, write_audio
 from torch.utils.data import DataLoader
 
-from autoglm_phone.data.records import DataError, RecordDataset, summarize
 from autoglm_phone.data.convert_shards import write_shards
+from autoglm_phone.data.records import DataError, RecordDataset, summarize
 from autoglm_phone.data.shards import ShardDataset, list_shards
 from autoglm_phone.data.sources import read_split
 

@@ -93,8 +93,7 @@ def check_media_file(path: str | Path, modality: str, max_bytes: int = MAX_FILE_
     if st.st_size > max_bytes:
         raise SampleError(
             "bad_file",
-            f"{path} is {st.st_size / 2**20:.1f} MB, over the {max_bytes / 2**20:g} MB limit "
-            "(data.max_file_mb)",
+            f"{path} is {st.st_size:,} bytes, over the {max_bytes:,}-byte limit (data.max_file_mb)",
         )
 
 
@@ -108,7 +107,7 @@ def read_media_file(path: str | Path, modality: str, max_bytes: int = MAX_FILE_B
     except OSError as e:
         raise SampleError("bad_file", f"{path}: {e.strerror}") from e
     if len(data) > max_bytes:
-        raise SampleError("bad_file", f"{path} grew over the {max_bytes / 2**20:g} MB limit")
+        raise SampleError("bad_file", f"{path} grew over the {max_bytes:,}-byte limit")
     return data
 
 

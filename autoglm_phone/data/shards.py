@@ -72,14 +72,38 @@ def _split_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
+COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz: they report truncation
+
+
+def _ends_cleanly(path: Path, offset: int) -> bool:
+    """Whether an uncompressed tar has its end-of-archive marker (two zero blocks) at ``offset``.
+    tarfile takes a file cut at a header boundary for a complete archive; this tells them apart."""
+    with open(path, "rb") as f:
+        if f.read(6).startswith(COMPRESSED):
+            return True
+        f.seek(offset)
+        tail = f.read(2 * tarfile.BLOCKSIZE)
+    return len(tail) == 2 * tarfile.BLOCKSIZE and not tail.strip(b"\0")
+
+
+def _truncated(path: Path, whole: int, key: str | None, why: str) -> SampleError:
+    lost = f"the rest of the shard (from sample {key!r}) is lost" if key else "nothing was read"
+    return SampleError(
+        "malformed_row",
+        f"{path.name} is truncated or damaged after sample {whole}: {whole} whole samples read, "
+        f"{lost} ({why})",
+    )
+
+
 def iter_samples(
     path: Path, max_bytes: int = MAX_FILE_BYTES
 ) -> Iterator[tuple[str, dict[str, bytes | SampleError]]]:
     """(key, {ext: bytes}) per sample, members grouped by key in tar order. A member over
     ``max_bytes`` is not read: its value is the :class:`SampleError` that says so.
 
-    A damaged or truncated tar raises :class:`SampleError` (malformed_row) after its readable
-    samples, saying how many were read: the samples after the damage cannot be counted.
+    A damaged or truncated tar raises :class:`SampleError` (malformed_row) after its whole
+    samples, saying how many were read (the samples after the damage cannot be counted); the
+    sample being read when the damage came is not yielded.
     """
     key, files, n = None, {}, 0
     try:
@@ -95,20 +119,16 @@ def iter_samples(
                 if member.size > max_bytes:
                     files[ext] = SampleError(
                         "bad_file",
-                        f"{path.name}:{member.name} is {member.size / 2**20:.1f} MB, over the "
-                        f"{max_bytes / 2**20:g} MB limit (data.max_file_mb)",
+                        f"{path.name}:{member.name} is {member.size:,} bytes, over the "
+                        f"{max_bytes:,}-byte limit (data.max_file_mb)",
                     )
                 else:
                     files[ext] = tar.extractfile(member).read()
+            end = tar.offset
     except (tarfile.TarError, OSError, EOFError) as e:
-        read = n + bool(files)
-        if files:
-            yield key, files
-        raise SampleError(
-            "malformed_row",
-            f"{path.name} is truncated or damaged after sample {read} ({key!r}): {read} samples "
-            f"read, the rest of the shard is lost ({e})",
-        ) from e
+        raise _truncated(path, n, key, str(e)) from e
+    if not _ends_cleanly(path, end):
+        raise _truncated(path, n, key, "no end-of-archive marker")
     if files:
         yield key, files
 
