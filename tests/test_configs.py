@@ -88,3 +88,21 @@ def test_hydra_help_and_cfg_job():
     assert job.returncode == 0
     cfg = OmegaConf.create(job.stdout)
     assert cfg.task_name == "itc_pretrain" and cfg.model.vision.name == "vit_tiny_patch16_224"
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "data.split_names.train=development",
+        "data.split_names={train: development, val: validation, test: evaluation}",
+    ],
+)
+def test_split_names_override_as_documented(override):
+    cfg = compose_train(["data=audiocaps", override, "paths.output_dir=out"])
+    assert cfg.data.split_names.train == "development"
+    assert OmegaConf.to_object(cfg).data.split_names.train == "development"
+
+
+def test_a_misspelt_split_name_fails_naming_it():
+    with pytest.raises(Exception, match="trian"):
+        compose_train(["data=audiocaps", "data.split_names.trian=development"])
