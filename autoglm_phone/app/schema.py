@@ -134,7 +134,7 @@ class TrainerConfig:
     num_nodes: int = 1
     precision: str = "32-true"  # "32-true", "bf16-mixed", "16-mixed"
     max_epochs: int = 5
-    max_steps: int = -1
+    max_steps: int = -1  # > 0: train exactly this many steps; max_epochs no longer applies
     max_time: str | None = None
     gradient_clip_val: float | None = 1.0
     accumulate_grad_batches: int = 1
