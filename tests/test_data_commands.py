@@ -193,3 +193,14 @@ def test_max_steps_is_the_length_of_training_over_the_experiments_epochs(tmp_pat
     result = train_app.run(cfg)
     state = torch.load(result["ckpt_path"], map_location="cpu", weights_only=True)
     assert state["global_step"] == 12
+
+
+def test_a_data_file_of_the_wrong_shape_ends_the_run_with_one_line(tmp_path, cache_dir):
+    (tmp_path / "pairs.jsonl").write_text("")
+    cfg = _train_cfg(tmp_path, cache_dir, "data=manifest", f"data.path={tmp_path / 'pairs.jsonl'}")
+    with pytest.raises(SystemExit) as e:
+        train_app.main(cfg)
+    assert str(e.value) == (
+        f"data error: {tmp_path / 'pairs.jsonl'} is empty: expected one row per (media, caption) "
+        "pair (image, audio, text and optionally split, id)"
+    )

@@ -1,5 +1,5 @@
-"""LightningDataModule over the embedded synthetic data or a real source (``data.name``): builds
-or reads it, trains the tokenizer, batches.
+"""LightningDataModule over the data source ``data.name`` picks (``autoglm_phone.data.sources``):
+prepares it, trains the tokenizer, batches.
 
 Training batches are dicts keyed by modality (``{"image": ..., "audio": ...}``, Lightning's
 ``CombinedLoader``); validation/test use one loader per modality. Every modality batch has
@@ -10,7 +10,6 @@ Training batches are dicts keyed by modality (``{"image": ..., "audio": ...}``, 
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from autoglm_phone.app.resume import ResumableLoader, ResumableSampler
 from autoglm_phone.app.schema import DataConfig
 from autoglm_phone.data.instructions import DESCRIBE, instructions_for, tokenize_chat
-from autoglm_phone.data.records import collate_skipped
+from autoglm_phone.data.records import collate_skipped, stable_id
 from autoglm_phone.data.sources import DataSource, open_source
 from autoglm_phone.tokenizer import cached_tokenizer, load_tokenizer
 
@@ -32,7 +31,7 @@ SPLITS = ("train", "val", "test")
 
 def caption_id(caption: str) -> int:
     """A stable 63-bit id for a caption, so retrieval keys survive ``all_gather``."""
-    return int.from_bytes(hashlib.blake2b(caption.encode(), digest_size=8).digest(), "little") >> 1
+    return stable_id(caption)
 
 
 class Collate:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,14 +183,21 @@ def build(cfg: DictConfig) -> Built:
     return Built(dm, module, trainer, out)
 
 
-def main(cfg: DictConfig) -> dict[str, Any]:
-    """:func:`run` for the command line: a data error ends the run with one line naming the file
-    and row instead of a traceback through the data loader."""
+@contextlib.contextmanager
+def exit_on_data_error() -> Iterator[None]:
+    """For the command line: a data error ends the run with one line naming the file and row
+    instead of a traceback through the data loader (``train.py``, ``eval.py``)."""
     try:
-        return run(cfg)
+        yield
     except (DataError, FileNotFoundError) as e:
         # a loader worker's error arrives with its traceback in the message: keep the last line
         raise SystemExit(f"data error: {str(e).strip().splitlines()[-1]}") from None
+
+
+def main(cfg: DictConfig) -> dict[str, Any]:
+    """:func:`run` for the command line (see :func:`exit_on_data_error`)."""
+    with exit_on_data_error():
+        return run(cfg)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

@@ -20,7 +20,14 @@ from pathlib import Path
 
 from autoglm_phone.data.decode import AUDIO_SUFFIXES, SampleError
 from autoglm_phone.data.manifest import not_utf8
-from autoglm_phone.data.records import Record, bad_row, make_record, media_base, media_path
+from autoglm_phone.data.records import (
+    DataFileError,
+    Record,
+    bad_row,
+    make_record,
+    media_base,
+    media_path,
+)
 
 AUDIO_COLUMNS = ("file_name", "audio", "youtube_id")
 _WIDE = re.compile(r"caption_?(\d+)$")
@@ -58,13 +65,15 @@ def read_audiocaps(
     with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.reader(f)
         header = [h.strip() for h in next(reader, [])]
+        if not header:
+            raise DataFileError(f"{path} is empty: expected a header and one row per clip")
         audio_col = next((c for c in AUDIO_COLUMNS if c in header), None)
         wide = sorted(
             ((int(m.group(1)), c) for c in header if (m := _WIDE.match(c))), key=lambda x: x[0]
         )
         text_cols = [c for _, c in wide] or [c for c in ("caption", "text") if c in header][:1]
         if audio_col is None or not text_cols:
-            raise ValueError(
+            raise DataFileError(
                 f"{path}: needs an audio column ({', '.join(AUDIO_COLUMNS)}) and caption column(s) "
                 f"(caption, or caption_1..caption_N); header is {header}"
             )

@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from autoglm_phone.data.decode import SampleError
-from autoglm_phone.data.records import Record, bad_row, make_record, media_base, media_path
+from autoglm_phone.data.records import (
+    DataFileError,
+    Record,
+    bad_row,
+    make_record,
+    media_base,
+    media_path,
+)
 
 KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
 
@@ -93,13 +100,13 @@ def read_coco(
     try:
         data = json.loads(path.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 at byte {e.start} ({e.reason})") from None
+        raise DataFileError(f"{path}: not UTF-8 at byte {e.start} ({e.reason})") from None
     except json.JSONDecodeError as e:
-        raise ValueError(
+        raise DataFileError(
             f"{path}: not JSON at line {e.lineno}, column {e.colno} ({e.msg})"
         ) from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise ValueError(f"{path}: expected a COCO captions JSON with an 'images' list")
+        raise DataFileError(f"{path}: expected a COCO captions JSON with an 'images' list")
     base = media_base(path, image_dir)
     if isinstance(data.get("annotations"), list):
         return _official(data, path.name, base, allow_outside)

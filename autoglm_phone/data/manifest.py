@@ -18,6 +18,7 @@ from typing import Any
 from autoglm_phone.data.decode import SampleError
 from autoglm_phone.data.records import (
     SPLITS,
+    DataFileError,
     Record,
     bad_row,
     make_record,
@@ -42,7 +43,7 @@ def _jsonl_rows(path: Path, f) -> list[tuple[int, dict[str, Any] | str]]:
         if not line.strip():
             continue
         if not out and line.lstrip().startswith("["):
-            raise ValueError(
+            raise DataFileError(
                 f"{path} holds a JSON array; a manifest is JSON Lines: one object per line "
                 "(convert it with: jq -c '.[]' in.json > out.jsonl)"
             )
@@ -62,12 +63,12 @@ def _csv_rows(path: Path, f) -> list[tuple[int, dict[str, Any] | str]]:
     reader = csv.reader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
     header = [h.strip() for h in next(reader, [])]
     if header and not any(k in header for k in TEXT_KEYS):
-        raise ValueError(
+        raise DataFileError(
             f"{path}: no caption column; the header needs one of {', '.join(TEXT_KEYS)} "
             f"(and {' and/or '.join(MEDIA_KEYS)}), got {header}"
         )
     if header and not any(k in header for k in MEDIA_KEYS):
-        raise ValueError(
+        raise DataFileError(
             f"{path}: no media column; the header needs {' and/or '.join(MEDIA_KEYS)}, got {header}"
         )
     out: list[tuple[int, dict[str, Any] | str]] = []
@@ -90,11 +91,11 @@ def _rows(path: Path) -> list[tuple[int, dict[str, Any] | str]]:
     spreadsheet programs write; other bytes make their row malformed."""
     suffix = path.suffix.lower()
     if suffix not in (*JSONL_SUFFIXES, ".csv", ".tsv"):
-        raise ValueError(f"{path}: a manifest is .jsonl or .csv (or .tsv), not {path.suffix!r}")
+        raise DataFileError(f"{path}: a manifest is .jsonl or .csv (or .tsv), not {path.suffix!r}")
     with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         rows = _jsonl_rows(path, f) if suffix in JSONL_SUFFIXES else _csv_rows(path, f)
     if not rows:
-        raise ValueError(
+        raise DataFileError(
             f"{path} is empty: expected one row per (media, caption) pair "
             f"({', '.join(MEDIA_KEYS)}, {TEXT_KEYS[0]} and optionally split, id)"
         )
@@ -120,7 +121,7 @@ def read_manifest(
     images, audios = media_base(path, image_dir), media_base(path, audio_dir)
     rows = _rows(path)
     if split is not None and not any(isinstance(r, dict) and "split" in r for _, r in rows):
-        raise ValueError(
+        raise DataFileError(
             f"{path} has no split column: add one (train/val/test) or give one file per split "
             "with {split} in the path"
         )

@@ -41,6 +41,11 @@ class DataError(RuntimeError):
     """A bad sample in strict mode; the message names the file, the row and the reason."""
 
 
+class DataFileError(DataError, ValueError):
+    """A data file that cannot be used at all (empty, wrong shape or encoding, no usable rows);
+    the message names it and what was expected."""
+
+
 def stable_id(text: str) -> int:
     """A stable 63-bit id for a string (same on every process and run)."""
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1

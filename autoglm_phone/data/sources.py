@@ -28,7 +28,13 @@ from autoglm_phone.data.audiocaps import read_audiocaps
 from autoglm_phone.data.coco import read_coco
 from autoglm_phone.data.decode import MAX_FILE_BYTES, SampleError, normalize_caption
 from autoglm_phone.data.manifest import read_manifest
-from autoglm_phone.data.records import Record, RecordDataset, fill_split, split_file
+from autoglm_phone.data.records import (
+    DataFileError,
+    Record,
+    RecordDataset,
+    fill_split,
+    split_file,
+)
 from autoglm_phone.data.shards import (
     ShardDataset,
     checked,
@@ -45,7 +51,7 @@ def _coco(file: Path, split: str | None, image_dir, audio_dir, allow_outside: bo
 
 def _audiocaps(file: Path, split: str | None, image_dir, audio_dir, allow_outside: bool):
     if split is not None:
-        raise ValueError(f"audiocaps has one CSV per split: put {{split}} in the path ({file})")
+        raise DataFileError(f"audiocaps has one CSV per split: put {{split}} in the path ({file})")
     return read_audiocaps(file, audio_dir, allow_outside)
 
 
@@ -221,8 +227,8 @@ class RealSource(DataSource):
     def _media_args(self, modality: str) -> tuple:
         return (modality, self.image_size, self.sample_rate, self.num_samples, self.strict)
 
-    def _no_rows(self, modality: str, split: str, rows: int) -> ValueError:
-        return ValueError(
+    def _no_rows(self, modality: str, split: str, rows: int) -> DataFileError:
+        return DataFileError(
             f"no usable {modality} rows in the {split} split of {self.path} "
             f"({rows} rows, all bad or none); check data.modalities and the paths"
         )
