@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from autoglm_phone.app.resume import ResumableLoader, ResumableSampler
 from autoglm_phone.app.schema import DataConfig
 from autoglm_phone.data.instructions import DESCRIBE, instructions_for, tokenize_chat
-from autoglm_phone.data.records import collate_skipped, stable_id
+from autoglm_phone.data.records import DataFileError, collate_skipped, stable_id
 from autoglm_phone.data.sources import DataSource, open_source
 from autoglm_phone.tokenizer import cached_tokenizer, load_tokenizer
 
@@ -168,9 +168,9 @@ class MultiModalDataModule(L.LightningDataModule):
         # shards report their length per rank already
         per_rank = len(dataset) if isinstance(dataset, IterableDataset) else len(dataset) // world
         if per_rank < 1:
-            raise ValueError(
-                f"the {split} split of {modality} has {len(dataset)} items, fewer than the "
-                f"{world} processes: nothing to train or evaluate on"
+            raise DataFileError(
+                f"the {split} split of {modality} in {self.cfg.path or self.cfg.name} has "
+                f"{len(dataset)} items, fewer than the {world} processes: nothing to run on"
             )
         if wanted > per_rank and split == "train":
             print(
