@@ -180,6 +180,8 @@ class RealSource(DataSource):
     Media paths stay inside their folder unless ``allow_outside``; files over ``max_bytes`` and
     anything but regular files are skipped."""
 
+    name: ClassVar[str] = "real"  # data.name, for messages
+
     def __init__(
         self,
         path: str,
@@ -201,8 +203,6 @@ class RealSource(DataSource):
         self.image_dir, self.audio_dir = image_dir, audio_dir
         self.split_names, self.strict, self.seed = dict(split_names or {}), strict, seed
         self.allow_outside, self.max_bytes = allow_outside, max_bytes
-
-    name: ClassVar[str] = "real"
 
     @classmethod
     def from_config(
