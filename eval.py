@@ -17,9 +17,11 @@ register_schemas()
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
     from autoglm_phone.app.evaluate import run
+    from autoglm_phone.app.train import exit_on_data_error
 
     overrides = [o for o in HydraConfig.get().overrides.task if o.lstrip("+~").startswith("data.")]
-    run(cfg, data_overrides=overrides)
+    with exit_on_data_error():
+        run(cfg, data_overrides=overrides)
 
 
 if __name__ == "__main__":

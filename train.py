@@ -15,7 +15,7 @@ register_schemas()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    from autoglm_phone.app.train import run  # heavy imports after config validation
+    from autoglm_phone.app.train import main as run  # heavy imports after config validation
 
     result = run(cfg)
     print(f"checkpoint: {result['ckpt_path']}")

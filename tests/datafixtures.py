@@ -167,3 +167,58 @@ def make_audiocaps(root: Path, clips: dict[str, int] | None = None, captions_eva
                     w.writerow([1000 * k + c, yid, 30, f"{caption(k)}, heard the {c} way"])
                 k += 1
     return root / "{split}.csv"
+
+
+def make_coco2017(root: Path, images: dict[str, int] | None = None, captions: int = 5) -> Path:
+    """COCO 2017 layout: ``annotations/captions_{train,val}2017.json`` (official format) beside
+    the image folders ``train2017/`` and ``val2017/``."""
+    images = images or {"train": 12, "val": 4}
+    k = 0
+    for split, n in images.items():
+        entries, anns = [], []
+        for _ in range(n):
+            name = f"{k:012d}.jpg"
+            write_image(root / f"{split}2017" / name, "JPEG", "RGB", list(COLOURS.values())[k % 3])
+            entries.append({"id": k, "file_name": name, "height": 24, "width": 40})
+            anns += [
+                {"id": 100 * k + c, "image_id": k, "caption": f"{caption(k)} the {c} way"}
+                for c in range(captions)
+            ]
+            k += 1
+        (root / "annotations").mkdir(parents=True, exist_ok=True)
+        (root / "annotations" / f"captions_{split}2017.json").write_text(
+            json.dumps({"images": entries, "annotations": anns})
+        )
+    return root / "annotations" / "captions_{split}2017.json"
+
+
+CLOTHO_SPLITS = {"development": 12, "validation": 3, "evaluation": 3}
+
+
+def make_clotho(root: Path, clips: dict[str, int] | None = None) -> Path:
+    """Clotho layout: ``clotho_captions_<split>.csv`` (``file_name, caption_1..caption_5``) with
+    the clips of each split in a folder named after it (``development/``, ...)."""
+    k = 0
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n in (clips or CLOTHO_SPLITS).items():
+        with open(root / f"clotho_captions_{split}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["file_name", *(f"caption_{c}" for c in range(1, 6))])
+            for _ in range(n):
+                name = f"clip {k:03d}.wav"  # Clotho's names have spaces
+                write_audio(root / split / name, "WAV", "PCM_16", 44100, 1, hz=200 + 40 * k)
+                w.writerow([name, *(f"{caption(k)}, heard the {c} way" for c in range(5))])
+                k += 1
+    return root / "clotho_captions_{split}.csv"
+
+
+def split_manifest(path: Path) -> Path:
+    """One manifest CSV per split (``<folder>/{split}.csv``) from a manifest CSV's split column."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for split in ("train", "val", "test"):
+        with open(path.parent / f"{split}.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, ["image", "audio", "text"], extrasaction="ignore")
+            w.writeheader()
+            w.writerows(r for r in rows if r["split"] == split)
+    return path.parent / "{split}.csv"

@@ -112,3 +112,21 @@ def test_out_of_range_model_values_fail_when_the_config_is_built(override, culpr
     cfg = compose_train([override])
     with pytest.raises(ValueError, match=culprit):
         OmegaConf.to_object(cfg.model)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "data.split_names.train=development",
+        "data.split_names={train: development, val: validation, test: evaluation}",
+    ],
+)
+def test_split_names_override_as_documented(override):
+    cfg = compose_train(["data=audiocaps", override, "paths.output_dir=out"])
+    assert cfg.data.split_names.train == "development"
+    assert OmegaConf.to_object(cfg).data.split_names.train == "development"
+
+
+def test_a_misspelt_split_name_fails_naming_it():
+    with pytest.raises(Exception, match="trian"):
+        compose_train(["data=audiocaps", "data.split_names.trian=development"])

@@ -13,8 +13,9 @@ from conftest import ROOT
 from datafixtures import caption, make_audiocaps, make_coco, make_manifest, write_audio
 from torch.utils.data import DataLoader
 
+from autoglm_phone.data.convert_shards import write_shards
 from autoglm_phone.data.records import DataError, RecordDataset, summarize
-from autoglm_phone.data.shards import ShardDataset, list_shards, write_shards
+from autoglm_phone.data.shards import ShardDataset, list_shards
 from autoglm_phone.data.sources import read_split
 
 # Row index -> defect: 4 of the 40 rows (10%), spread over train (32 rows).
@@ -166,7 +167,7 @@ def test_converter_command_and_shard_reading(tmp_path):
     path = make_coco(tmp_path / "coco", n_images=12, captions=3)
     (tmp_path / "coco" / "images" / "val2014" / "COCO_000004.jpg").unlink()  # a missing test image
     proc = subprocess.run(
-        [sys.executable, "-m", "autoglm_phone.data.shards", "--source", "coco"]
+        [sys.executable, "-m", "autoglm_phone.data.convert_shards", "--source", "coco"]
         + ["--input", str(path), "--image-dir", "images", "--out", str(tmp_path / "sh")]
         + ["--shard-size", "3"],
         capture_output=True,

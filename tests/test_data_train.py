@@ -164,7 +164,7 @@ def test_audiocaps_trains(tmp_path, cache_dir):
 def test_webdataset_shards_train_with_workers(tmp_path, cache_dir):
     path = make_manifest(tmp_path / "data", 40)
     convert = subprocess.run(
-        [sys.executable, "-m", "autoglm_phone.data.shards", "--source", "manifest"]
+        [sys.executable, "-m", "autoglm_phone.data.convert_shards", "--source", "manifest"]
         + ["--input", str(path), "--out", str(tmp_path / "shards"), "--shard-size", "8"],
         capture_output=True,
         text=True,

@@ -1,5 +1,5 @@
-"""LightningDataModule over the embedded synthetic data or a real source (``data.name``): builds
-or reads it, trains the tokenizer, batches.
+"""LightningDataModule over the data source ``data.name`` picks (``autoglm_phone.data.sources``):
+prepares it, trains the tokenizer, batches.
 
 Training batches are dicts keyed by modality (``{"image": ..., "audio": ...}``, Lightning's
 ``CombinedLoader``); validation/test use one loader per modality. Every modality batch has
@@ -10,7 +10,6 @@ Training batches are dicts keyed by modality (``{"image": ..., "audio": ...}``, 
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -18,38 +17,21 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from autoglm_phone.app.resume import ResumableLoader, ResumableSampler
 from autoglm_phone.app.schema import DataConfig
 from autoglm_phone.data.instructions import DESCRIBE, instructions_for, tokenize_chat
-from autoglm_phone.data.records import collate_skipped
-from autoglm_phone.data.sources import RealData
-from autoglm_phone.data.synthetic import SyntheticDataset, SyntheticSpec, build_synthetic
+from autoglm_phone.data.records import DataFileError, collate_skipped, stable_id
+from autoglm_phone.data.sources import DataSource, open_source
 from autoglm_phone.tokenizer import cached_tokenizer, load_tokenizer
 
 SPLITS = ("train", "val", "test")
-DATA_NAMES = ("synthetic", "manifest", "coco", "audiocaps", "webdataset")
 
 
 def caption_id(caption: str) -> int:
     """A stable 63-bit id for a caption, so retrieval keys survive ``all_gather``."""
-    return int.from_bytes(hashlib.blake2b(caption.encode(), digest_size=8).digest(), "little") >> 1
-
-
-class ModalityView(Dataset):
-    """One modality of an audio-visual scene dataset, captioned with that modality's caption."""
-
-    def __init__(self, dataset: Dataset, modality: str) -> None:
-        self.dataset, self.modality = dataset, modality
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = dict(self.dataset[index])
-        item["caption"] = item[f"{self.modality}_caption"]
-        return item
+    return stable_id(caption)
 
 
 class Collate:
@@ -126,6 +108,8 @@ class Collate:
 
 
 class MultiModalDataModule(L.LightningDataModule):
+    """Loaders over the source ``data.name`` picks (:func:`~autoglm_phone.data.sources.open_source`)."""
+
     def __init__(
         self,
         cfg: DataConfig,
@@ -135,62 +119,23 @@ class MultiModalDataModule(L.LightningDataModule):
         seed: int = 0,  # of the training order (the run's seed); the data have their own
     ):
         super().__init__()
-        if cfg.name not in DATA_NAMES:
-            raise ValueError(f"unknown data.name {cfg.name!r}; available: {', '.join(DATA_NAMES)}")
         unknown = set(cfg.modalities) - {"image", "audio"}
         if unknown or not cfg.modalities:
             raise ValueError(
                 f"data.modalities must be a non-empty subset of [image, audio], got {cfg.modalities}"
             )
-        self.cfg, self.cache_dir, self.image_size, self.progress = (
-            cfg,
-            Path(cache_dir),
-            image_size,
-            progress,
-        )
-        self.spec = SyntheticSpec(
-            seed=cfg.seed,
-            image_size=cfg.image_size,
-            sample_rate=cfg.sample_rate,
-            audio_seconds=cfg.audio_seconds,
-            num_train=cfg.num_train,
-            num_val=cfg.num_val,
-            num_test=cfg.num_test,
-            num_av_train=cfg.num_av_train,
-            num_av_val=cfg.num_av_val,
-            num_av_test=cfg.num_av_test,
-        )
+        self.cfg, self.cache_dir, self.image_size = cfg, Path(cache_dir), image_size
+        self.source: DataSource = open_source(cfg, cache_dir, image_size, progress)
         self.seed = seed
-        self._folder: Path | None = None
         self._tokenizer = None
-        self.real: RealData | None = None
-        if cfg.name != "synthetic":
-            self.real = RealData(
-                cfg.name,
-                cfg.path,
-                image_size,
-                cfg.sample_rate,
-                int(round(cfg.sample_rate * cfg.audio_seconds)),
-                cfg.image_dir,
-                cfg.audio_dir,
-                cfg.split_names,
-                cfg.strict,
-                cfg.seed,
-            )
 
     @property
     def protocol(self) -> str:
         """Retrieval protocol: ``caption`` (correct when the caption text equals; synthetic) or
         ``item`` (correct when it is the query's own media or one of its captions)."""
-        return "caption" if self.real is None else "item"
+        return self.source.protocol
 
     # -- data and tokenizer, made once --------------------------------------------------------
-    @property
-    def folder(self) -> Path:
-        if self._folder is None:
-            self._folder = build_synthetic(self.spec, self.cache_dir, progress=self.progress)
-        return self._folder
-
     @property
     def tokenizer(self):
         if self._tokenizer is None:
@@ -205,36 +150,44 @@ class MultiModalDataModule(L.LightningDataModule):
         self._tokenizer = tokenizer
 
     def training_captions(self) -> list[str]:
-        if self.real is not None:
-            return self.real.training_captions()
-        texts: list[str] = []
-        for modality in ("image", "audio", "av"):
-            texts += [
-                r["caption"] for r in SyntheticDataset(self.folder, modality, "train").records
-            ]
-        return texts
+        return self.source.train_texts()
 
     def prepare_data(self) -> None:
-        _ = self.tokenizer if self.real is not None else (self.folder, self.tokenizer)
+        self.source.prepare()
+        _ = self.tokenizer
 
     def dataset(self, modality: str, split: str) -> Dataset:
-        if self.real is not None:
-            return self.real.dataset(modality, split, shuffle=split == "train")
-        parts: list[Dataset] = [SyntheticDataset(self.folder, modality, split)]
-        if self.cfg.use_av and self.spec.split_size("av", split) > 0:
-            parts.append(ModalityView(SyntheticDataset(self.folder, "av", split), modality))
-        return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+        return self.source.dataset(modality, split, shuffle=split == "train")
 
     # -- loaders -------------------------------------------------------------------------------
+    def _batch_size(self, dataset: Dataset, modality: str, split: str) -> int:
+        """The configured batch size, capped to what one rank holds: training drops the last
+        partial batch, so a batch larger than the data would train nothing."""
+        wanted = self.cfg.batch_size if split == "train" else self.cfg.eval_batch_size
+        world = self.trainer.world_size if self.trainer else 1
+        # shards report their length per rank already
+        per_rank = len(dataset) if isinstance(dataset, IterableDataset) else len(dataset) // world
+        if per_rank < 1:
+            raise DataFileError(
+                f"the {split} split of {modality} in {self.cfg.path or self.cfg.name} has "
+                f"{len(dataset)} items, fewer than the {world} processes: nothing to run on"
+            )
+        if wanted > per_rank and split == "train":
+            print(
+                f"data.batch_size={wanted} is more than the {per_rank} {modality} training items "
+                f"per process: using batch size {per_rank}"
+            )
+            return per_rank
+        return wanted
+
     def _loader(self, modality: str, split: str, shuffle: bool) -> DataLoader:
-        batch_size = self.cfg.batch_size if split == "train" else self.cfg.eval_batch_size
         dataset = self.dataset(modality, split)
         # training on map-style data: an order seeded per epoch that resumes mid-epoch
         # (autoglm_phone/app/resume.py); shards shuffle inside and restart the epoch on resume
         resumable = shuffle and not isinstance(dataset, IterableDataset)
         return (ResumableLoader if resumable else DataLoader)(
             dataset,
-            batch_size=batch_size,
+            batch_size=self._batch_size(dataset, modality, split),
             sampler=self._train_sampler(dataset, modality) if resumable else None,
             drop_last=shuffle,
             num_workers=self.cfg.num_workers,
@@ -245,7 +198,7 @@ class MultiModalDataModule(L.LightningDataModule):
                 self.cfg.max_text_len,
                 self.image_size,
                 self.cfg.max_chat_len if self.cfg.instructions else None,
-                questions=self.cfg.name == "synthetic",
+                questions=self.source.has_questions,
             ),
         )
 

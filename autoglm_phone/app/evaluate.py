@@ -193,7 +193,7 @@ def run(cfg: DictConfig, data_overrides: list[str] | None = None) -> dict[str, A
     )
 
     tasks = tasks_for(hp["objective"]) if cfg.tasks is None else list(cfg.tasks)
-    if data_cfg.name != "synthetic" and "captioning" in tasks:
+    if not dm.source.captioning_gradable and "captioning" in tasks:
         tasks.remove("captioning")  # scored by parsing the embedded data's caption grammar
         print("captioning accuracy needs the embedded data's grammar: skipped (perplexity kept)")
     fused: dict[str, dict[str, Any]] = {}

@@ -20,6 +20,16 @@ from autoglm_phone.objectives import ObjectiveConfig
 
 
 @dataclass
+class SplitNames:
+    """What ``{split}`` becomes in ``data.path``/``image_dir``/``audio_dir`` for each split, e.g.
+    Clotho's ``train: development`` (``data.split_names.train=development``)."""
+
+    train: str = "train"
+    val: str = "val"
+    test: str = "test"
+
+
+@dataclass
 class DataConfig:
     name: str = "synthetic"  # synthetic | manifest | coco | audiocaps | webdataset (docs/DATA.md)
     # synthetic generator (autoglm_phone.data.synthetic.SyntheticSpec)
@@ -38,10 +48,13 @@ class DataConfig:
     use_av: bool = True  # AV scenes add (image, image caption) and (audio, audio caption) pairs
     # real sources (autoglm_phone.data.sources); images decode straight to model.vision.img_size
     path: str | None = None  # manifest / COCO JSON / CSV / shard glob; {split} = a file per split
-    image_dir: str | None = None  # relative media paths start here (relative to the path's folder)
+    # relative media paths start here (relative to the path's folder); {split} as in path
+    image_dir: str | None = None
     audio_dir: str | None = None
-    split_names: dict[str, str] = field(default_factory=dict)  # e.g. {train: development}
+    split_names: SplitNames = field(default_factory=SplitNames)
     strict: bool = False  # stop at the first bad sample instead of skipping and counting it
+    allow_outside_root: bool = False  # media paths may leave the file's folder / image_dir
+    max_file_mb: float = 256.0  # larger media files (and non-regular files) are skipped
     # loading
     modalities: list[str] = field(default_factory=lambda: ["image", "audio"])
     batch_size: int = 64
@@ -102,7 +115,7 @@ class TrainerConfig:
     num_nodes: int = 1
     precision: str = "32-true"  # "32-true", "bf16-mixed", "16-mixed"
     max_epochs: int = 5
-    max_steps: int = -1
+    max_steps: int = -1  # > 0: train exactly this many steps; max_epochs no longer applies
     max_time: str | None = None
     gradient_clip_val: float | None = 1.0
     accumulate_grad_batches: int = 1

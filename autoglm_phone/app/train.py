@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from autoglm_phone.app.resume import ExactResume
 from autoglm_phone.app.schema import CallbacksConfig, LoggerConfig, TrainerConfig
 from autoglm_phone.checkpoint import read_model_state
 from autoglm_phone.config import MultiModalConfig
+from autoglm_phone.data.records import DataError
 from autoglm_phone.tokenizer import tokenizer_from_files
 
 LOGGERS = ("wandb", "csv", "tensorboard", "none")
@@ -109,6 +112,16 @@ def resolve_ckpt_path(ckpt_path: str | None, ckpt_dir: Path) -> str | None:
     return ckpt_path
 
 
+def trainer_kwargs(cfg: TrainerConfig) -> dict[str, Any]:
+    """``lightning.Trainer`` keywords. ``max_steps`` set (> 0) is the length of training:
+    ``max_epochs`` no longer stops it first (Lightning stops at whichever comes first, so an
+    experiment's ``max_epochs: 10`` would cut ``trainer.max_steps=20`` short on small data)."""
+    kwargs = {k: v for k, v in vars(cfg).items() if v is not None}
+    if cfg.max_steps > 0:
+        kwargs["max_epochs"] = -1
+    return kwargs
+
+
 @dataclass
 class Built:
     datamodule: MultiModalDataModule
@@ -158,18 +171,34 @@ def build(cfg: DictConfig) -> Built:
     )
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer_cfg: TrainerConfig = OmegaConf.to_object(cfg.trainer)
     trainer = L.Trainer(
-        **{k: v for k, v in vars(trainer_cfg).items() if v is not None},
+        **trainer_kwargs(OmegaConf.to_object(cfg.trainer)),
         logger=logger,
         callbacks=build_callbacks(
             OmegaConf.to_object(cfg.callbacks), out / "checkpoints", bool(logger)
         )
-        + ([SkippedSamples(out / "skipped_samples.jsonl")] if cfg.data.name != "synthetic" else []),
+        + ([SkippedSamples(out / "skipped_samples.jsonl")] if dm.source.reports_skips else []),
         default_root_dir=str(out),
         plugins=[AtomicCheckpointIO()],
     )
     return Built(dm, module, trainer, out)
+
+
+@contextlib.contextmanager
+def exit_on_data_error() -> Iterator[None]:
+    """For the command line: a data error ends the run with one line naming the file and row
+    instead of a traceback through the data loader (``train.py``, ``eval.py``)."""
+    try:
+        yield
+    except (DataError, FileNotFoundError) as e:
+        # a loader worker's error arrives with its traceback in the message: keep the last line
+        raise SystemExit(f"data error: {str(e).strip().splitlines()[-1]}") from None
+
+
+def main(cfg: DictConfig) -> dict[str, Any]:
+    """:func:`run` for the command line (see :func:`exit_on_data_error`)."""
+    with exit_on_data_error():
+        return run(cfg)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -179,6 +208,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     b.trainer.fit(
         b.module, datamodule=b.datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, ckpt_dir)
     )
+    if b.trainer.global_step == 0:
+        raise RuntimeError(
+            f"no training step ran (data.batch_size={cfg.data.batch_size}, "
+            f"trainer.limit_train_batches={cfg.trainer.limit_train_batches}): nothing to save"
+        )
     last = ckpt_dir / "last.ckpt"
     if not last.exists():  # fast_dev_run disables ModelCheckpoint; still leave a checkpoint
         b.trainer.save_checkpoint(str(last))

@@ -17,12 +17,22 @@ import json
 from pathlib import Path
 from typing import Any
 
-from autoglm_phone.data.records import Record, bad_row, make_record, media_base, media_path
+from autoglm_phone.data.decode import SampleError
+from autoglm_phone.data.records import (
+    DataFileError,
+    Record,
+    bad_row,
+    make_record,
+    media_base,
+    media_path,
+)
 
 KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
 
 
-def _karpathy(images: list[Any], name: str, base: Path, split: str | None) -> list[Record]:
+def _karpathy(
+    images: list[Any], name: str, base: Path, split: str | None, allow_outside: bool
+) -> list[Record]:
     wanted = None if split is None else KARPATHY_SPLITS[split]
     records: list[Record] = []
     for i, img in enumerate(images):
@@ -40,7 +50,11 @@ def _karpathy(images: list[Any], name: str, base: Path, split: str | None) -> li
         if not isinstance(fname, str) or not fname:
             records.append(bad_row(name, where, "no filename"))
             continue
-        path = media_path(str(Path(img.get("filepath") or "") / fname), base)
+        try:
+            path = media_path(str(Path(img.get("filepath") or "") / fname), base, allow_outside)
+        except SampleError as e:
+            records.append(bad_row(name, where, e))
+            continue
         sentences = img.get("sentences")
         if not isinstance(sentences, list) or not sentences:
             records.append(make_record(name, where, "", image=path))
@@ -51,33 +65,49 @@ def _karpathy(images: list[Any], name: str, base: Path, split: str | None) -> li
     return records
 
 
-def _official(data: dict[str, Any], name: str, base: Path) -> list[Record]:
-    files = {}
+def _official(data: dict[str, Any], name: str, base: Path, allow_outside: bool) -> list[Record]:
+    files: dict[Any, str | SampleError] = {}
     for img in data.get("images", []):
         if isinstance(img, dict) and isinstance(img.get("file_name"), str):
-            files[img.get("id")] = media_path(img["file_name"], base)
+            try:
+                files[img.get("id")] = media_path(img["file_name"], base, allow_outside)
+            except SampleError as e:
+                files[img.get("id")] = e
     records: list[Record] = []
     for k, ann in enumerate(data["annotations"]):
         where = f"annotations[{k}]"
         if not isinstance(ann, dict) or ann.get("image_id") not in files:
             records.append(bad_row(name, where, "image_id not among the images"))
             continue
+        if isinstance(files[ann["image_id"]], SampleError):
+            records.append(bad_row(name, where, files[ann["image_id"]]))
+            continue
         records.append(make_record(name, where, ann.get("caption"), image=files[ann["image_id"]]))
     return records
 
 
 def read_coco(
-    path: str | Path, split: str | None = None, image_dir: str | None = None
+    path: str | Path,
+    split: str | None = None,
+    image_dir: str | None = None,
+    allow_outside: bool = False,
 ) -> list[Record]:
     """Records of ``split`` (Karpathy format; all images when None), or every caption of an
     official-format file (its split is the file)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"COCO captions file not found: {path}")
-    data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise DataFileError(f"{path}: not UTF-8 at byte {e.start} ({e.reason})") from None
+    except json.JSONDecodeError as e:
+        raise DataFileError(
+            f"{path}: not JSON at line {e.lineno}, column {e.colno} ({e.msg})"
+        ) from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise ValueError(f"{path}: expected a COCO captions JSON with an 'images' list")
+        raise DataFileError(f"{path}: expected a COCO captions JSON with an 'images' list")
     base = media_base(path, image_dir)
     if isinstance(data.get("annotations"), list):
-        return _official(data, path.name, base)
-    return _karpathy(data["images"], path.name, base, split)
+        return _official(data, path.name, base, allow_outside)
+    return _karpathy(data["images"], path.name, base, split, allow_outside)

@@ -10,6 +10,10 @@
   decoded.
 - Captions are NFKC-normalised with whitespace runs collapsed to one space and the ends stripped.
 
+Media are read from regular files only (no pipes or devices), at most ``max_bytes`` each, with a
+suffix from :data:`IMAGE_SUFFIXES` / :data:`AUDIO_SUFFIXES`: the one list of formats every reader
+(file sources, shards) and the shard converter share.
+
 Every failure is a :class:`SampleError` with a ``reason`` from :data:`REASONS` and a message that
 names the file.
 """
@@ -18,6 +22,8 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import stat
 import unicodedata
 from pathlib import Path
 
@@ -35,7 +41,17 @@ REASONS = (
     "corrupt_image",  # PIL cannot identify or fully decode it (truncated, garbage, bad mode)
     "unreadable_audio",  # libsndfile cannot decode it, or it holds non-finite samples
     "empty_audio",  # decodes to zero samples
+    "outside_root",  # a media path that leaves the data root (data.allow_outside_root=false)
+    "bad_file",  # not a regular file (pipe, device, folder), or over the size limit
+    "unsupported_format",  # a media suffix outside IMAGE_SUFFIXES / AUDIO_SUFFIXES
 )
+
+# The supported media formats, by file suffix (lower case, no dot): PIL and libsndfile decode
+# these; shards store media under the same suffixes.
+IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+AUDIO_SUFFIXES = ("wav", "flac", "ogg", "oga", "opus", "mp3", "aif", "aiff")
+MEDIA_SUFFIXES = {"image": IMAGE_SUFFIXES, "audio": AUDIO_SUFFIXES}
+MAX_FILE_BYTES = 256 * 2**20  # default size limit of one media file (data.max_file_mb=256)
 
 Source = str | Path | bytes
 RESAMPLE_MARGIN = 256  # input frames read past the crop so its last samples resample exactly
@@ -55,11 +71,50 @@ def _name(src: Source, name: str | None) -> str:
     return name or ("<bytes>" if isinstance(src, bytes) else str(src))
 
 
-def _open(src: Source, name: str | None):
+def check_media_file(path: str | Path, modality: str, max_bytes: int = MAX_FILE_BYTES) -> None:
+    """Raise :class:`SampleError` unless ``path`` is a regular file of at most ``max_bytes`` with
+    a supported ``modality`` suffix (checked before opening: a pipe would block, a device never
+    ends)."""
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in MEDIA_SUFFIXES[modality]:
+        raise SampleError(
+            "unsupported_format",
+            f"{path}: {modality} suffix {suffix or '(none)'!r} is not one of "
+            f"{', '.join(MEDIA_SUFFIXES[modality])}",
+        )
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise SampleError("missing_file", f"{path} does not exist") from None
+    except OSError as e:
+        raise SampleError("bad_file", f"{path}: {e.strerror}") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise SampleError("bad_file", f"{path} is not a regular file")
+    if st.st_size > max_bytes:
+        raise SampleError(
+            "bad_file",
+            f"{path} is {st.st_size:,} bytes, over the {max_bytes:,}-byte limit (data.max_file_mb)",
+        )
+
+
+def read_media_file(path: str | Path, modality: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of a checked media file (see :func:`check_media_file`); at most ``max_bytes``
+    are read even if the file grows meanwhile."""
+    check_media_file(path, modality, max_bytes)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise SampleError("bad_file", f"{path}: {e.strerror}") from e
+    if len(data) > max_bytes:
+        raise SampleError("bad_file", f"{path} grew over the {max_bytes:,}-byte limit")
+    return data
+
+
+def _open(src: Source, name: str | None, modality: str, max_bytes: int):
     if isinstance(src, bytes):
         return io.BytesIO(src)
-    if not Path(src).is_file():
-        raise SampleError("missing_file", f"{_name(src, name)} does not exist")
+    check_media_file(src, modality, max_bytes)
     return src
 
 
@@ -90,9 +145,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(src: Source, size: int, name: str | None = None) -> torch.Tensor:
+def decode_image(
+    src: Source, size: int, name: str | None = None, max_bytes: int = MAX_FILE_BYTES
+) -> torch.Tensor:
     """A file path or encoded bytes to uint8 ``(3, size, size)`` (see the module docstring)."""
-    fp = _open(src, name)
+    fp = _open(src, name, "image", max_bytes)
     try:
         with Image.open(fp) as img:
             w, h = img.size
@@ -120,10 +177,14 @@ def decode_image(src: Source, size: int, name: str | None = None) -> torch.Tenso
 
 # ---------------------------------------------------------------- audio
 def decode_audio(
-    src: Source, sample_rate: int, num_samples: int, name: str | None = None
+    src: Source,
+    sample_rate: int,
+    num_samples: int,
+    name: str | None = None,
+    max_bytes: int = MAX_FILE_BYTES,
 ) -> torch.Tensor:
     """A file path or encoded bytes to float32 mono ``(num_samples,)`` at ``sample_rate``."""
-    fp = _open(src, name)
+    fp = _open(src, name, "audio", max_bytes)
     try:
         with sf.SoundFile(fp) as f:
             rate = f.samplerate

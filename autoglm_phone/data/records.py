@@ -16,6 +16,7 @@ repeats by (item, caption) before scoring.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,13 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from autoglm_phone.data.decode import SampleError, decode_audio, decode_image, normalize_caption
+from autoglm_phone.data.decode import (
+    MAX_FILE_BYTES,
+    SampleError,
+    decode_audio,
+    decode_image,
+    normalize_caption,
+)
 
 MODALITIES = ("image", "audio")
 MAX_REPLACEMENTS = 64  # consecutive bad draws before a dataset gives up
@@ -32,6 +39,11 @@ MAX_REPLACEMENTS = 64  # consecutive bad draws before a dataset gives up
 
 class DataError(RuntimeError):
     """A bad sample in strict mode; the message names the file, the row and the reason."""
+
+
+class DataFileError(DataError, ValueError):
+    """A data file that cannot be used at all (empty, wrong shape or encoding, no usable rows);
+    the message names it and what was expected."""
 
 
 def stable_id(text: str) -> int:
@@ -86,8 +98,10 @@ def make_record(
     return Record(source, row, image, audio, caption, item, error)
 
 
-def bad_row(source: str, row: str, message: str) -> Record:
-    return Record(source, row, error=SampleError("malformed_row", message))
+def bad_row(source: str, row: str, message: str | SampleError) -> Record:
+    """A row that cannot be used: ``message`` (a malformed row) or the error found in it."""
+    error = message if isinstance(message, SampleError) else SampleError("malformed_row", message)
+    return Record(source, row, error=error)
 
 
 def skip_entry(record: Record, error: SampleError) -> dict[str, str]:
@@ -148,11 +162,12 @@ class RecordDataset(Dataset):
         sample_rate: int,
         num_samples: int,
         strict: bool = False,
+        max_bytes: int = MAX_FILE_BYTES,
     ) -> None:
         if modality not in MODALITIES:
             raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
         self.records = [r for r in records if r.has(modality)]
-        self.modality, self.strict = modality, strict
+        self.modality, self.strict, self.max_bytes = modality, strict, max_bytes
         self.image_size, self.sample_rate, self.num_samples = image_size, sample_rate, num_samples
         if strict:
             check_strict(self.records)
@@ -170,9 +185,11 @@ class RecordDataset(Dataset):
             "sample_rate": self.sample_rate,
         }
         if self.modality == "image":
-            item["image"] = decode_image(record.image, self.image_size)
+            item["image"] = decode_image(record.image, self.image_size, max_bytes=self.max_bytes)
         else:
-            item["audio"] = decode_audio(record.audio, self.sample_rate, self.num_samples)
+            item["audio"] = decode_audio(
+                record.audio, self.sample_rate, self.num_samples, max_bytes=self.max_bytes
+            )
         return item
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -190,8 +207,8 @@ class RecordDataset(Dataset):
             item["skipped"] = skipped
             return item
         raise DataError(
-            f"{MAX_REPLACEMENTS} bad samples in a row (last: {skipped[-1]['message']}); "
-            "is the data readable at all?"
+            f"{MAX_REPLACEMENTS} bad samples in a row (last: {skipped[-1]['source']}, "
+            f"{skipped[-1]['row']}: {skipped[-1]['message']}); is the data readable at all?"
         )
 
 
@@ -203,25 +220,45 @@ def collate_skipped(items: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
 SPLITS = ("train", "val", "test")
 
 
-def split_file(path: str | Path, split: str, split_names: dict[str, str] | None = None) -> Path:
-    """``path`` with ``{split}`` filled in (by ``split_names[split]`` when given), made absolute."""
+def fill_split(text: str, split: str, split_names: dict[str, str] | None = None) -> str:
+    """``text`` with ``{split}`` replaced by the split's name (``split_names[split]`` if given)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    name = (split_names or {}).get(split, split)
-    return Path(str(path).replace("{split}", name)).expanduser().resolve()
+    return text.replace("{split}", (split_names or {}).get(split, split))
 
 
-def media_path(value: Any, base: Path) -> str | None:
-    """A row's media value as an absolute path (relative ones against ``base``); None if absent."""
+def split_file(path: str | Path, split: str, split_names: dict[str, str] | None = None) -> Path:
+    """``path`` with ``{split}`` filled in (see :func:`fill_split`), made absolute."""
+    return Path(fill_split(str(path), split, split_names)).expanduser().resolve()
+
+
+def _absolute(path: Path) -> Path:
+    """Absolute and ``..``-free without resolving symlinks: a linked media folder inside the data
+    root stays inside it."""
+    return Path(os.path.normpath(path.expanduser().absolute()))
+
+
+def media_path(value: Any, base: Path, allow_outside: bool = False) -> str | None:
+    """A row's media value as an absolute path (relative ones against ``base``); None if absent.
+
+    A path that leaves ``base`` (``../..``, or absolute elsewhere) raises a :class:`SampleError`
+    unless ``allow_outside``; symlinks inside ``base`` are the user's and are followed.
+    """
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     if not isinstance(value, str):
-        raise TypeError(f"media path is {type(value).__name__}, not text")
-    return str((base / Path(value.strip()).expanduser()).resolve())
+        raise SampleError("malformed_row", f"media path is {type(value).__name__}, not text")
+    path = _absolute(base / Path(value.strip()).expanduser())
+    if not allow_outside and not path.is_relative_to(_absolute(base)):
+        raise SampleError(
+            "outside_root",
+            f"{value.strip()} leaves the data root {_absolute(base)} "
+            "(data.allow_outside_root=true to allow)",
+        )
+    return str(path)
 
 
 def media_base(annotation_file: Path, folder: str | None) -> Path:
     """Where relative media paths start: ``folder`` (itself relative to the file) or its folder."""
-    return (
-        (annotation_file.parent / Path(folder).expanduser()) if folder else annotation_file.parent
-    )
+    base = annotation_file.parent / Path(folder).expanduser() if folder else annotation_file.parent
+    return _absolute(base)

@@ -1,9 +1,10 @@
-"""WebDataset-format tar shards: stream them (split across ranks and workers), and write them.
+"""WebDataset-format tar shards, streamed and split across ranks and workers.
 
 A shard is a plain tar whose members ``<key>.<ext>`` group into samples by key (the member name up
-to the first dot of its base name, as in WebDataset). A sample holds an image (``.jpg``, ``.jpeg``,
-``.png``, ``.webp``; also ``.gif``, ``.bmp``, ``.tif[f]``), audio (``.wav``, ``.flac``, ``.ogg``,
-``.mp3``) and its text: ``.txt`` (one caption) or ``.json`` (``{"captions": [...]}``,
+to the first dot of its base name, as in WebDataset). A sample holds an image or audio (the
+suffixes of :data:`~autoglm_phone.data.decode.IMAGE_SUFFIXES` and
+:data:`~autoglm_phone.data.decode.AUDIO_SUFFIXES`, the same list the file sources accept) and its
+text: ``.txt`` (one caption) or ``.json`` (``{"captions": [...]}``,
 ``{"caption": ...}`` or ``{"text": ...}``). Each caption becomes one item; the captions of a
 sample share its item id.
 
@@ -17,19 +18,13 @@ takes shards ``g, g + G, ...``; with fewer shards every reader scans all of them
 work only when shards hold equal numbers of samples (the converter's ``--shard-size`` does, but
 for the last shard).
 
-Convert any file source to shards (one set per split, with a progress bar)::
-
-    python -m autoglm_phone.data.shards --source manifest --input data/pairs.jsonl \
-        --out shards --shard-size 1000
+Write them from any file source with :mod:`autoglm_phone.data.convert_shards`.
 """
 
 from __future__ import annotations
 
-import argparse
 import glob
-import io
 import json
-import os
 import random
 import sys
 import tarfile
@@ -39,14 +34,19 @@ from typing import Any
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
-from tqdm.auto import tqdm
 
-from autoglm_phone.data.decode import SampleError, decode_audio, decode_image, normalize_caption
+from autoglm_phone.data.decode import (
+    AUDIO_SUFFIXES,
+    IMAGE_SUFFIXES,
+    MAX_FILE_BYTES,
+    SampleError,
+    decode_audio,
+    decode_image,
+    normalize_caption,
+)
 from autoglm_phone.data.records import (
-    SPLITS,
     DataError,
     Record,
-    check_strict,
     format_summary,
     skip_entry,
     split_file,
@@ -54,8 +54,6 @@ from autoglm_phone.data.records import (
     summarize,
 )
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
-AUDIO_EXTS = ("wav", "flac", "ogg", "mp3")
 TEXT_EXTS = ("txt", "json")
 
 
@@ -74,12 +72,40 @@ def _split_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def iter_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) per sample, members grouped by key in tar order.
+COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz: they report truncation
 
-    A damaged tar raises :class:`SampleError` (malformed_row) after its readable samples.
+
+def _ends_cleanly(path: Path, offset: int) -> bool:
+    """Whether an uncompressed tar has its end-of-archive marker (two zero blocks) at ``offset``.
+    tarfile takes a file cut at a header boundary for a complete archive; this tells them apart."""
+    with open(path, "rb") as f:
+        if f.read(6).startswith(COMPRESSED):
+            return True
+        f.seek(offset)
+        tail = f.read(2 * tarfile.BLOCKSIZE)
+    return len(tail) == 2 * tarfile.BLOCKSIZE and not tail.strip(b"\0")
+
+
+def _truncated(path: Path, whole: int, key: str | None, why: str) -> SampleError:
+    lost = f"the rest of the shard (from sample {key!r}) is lost" if key else "nothing was read"
+    return SampleError(
+        "malformed_row",
+        f"{path.name} is truncated or damaged after sample {whole}: {whole} whole samples read, "
+        f"{lost} ({why})",
+    )
+
+
+def iter_samples(
+    path: Path, max_bytes: int = MAX_FILE_BYTES
+) -> Iterator[tuple[str, dict[str, bytes | SampleError]]]:
+    """(key, {ext: bytes}) per sample, members grouped by key in tar order. A member over
+    ``max_bytes`` is not read: its value is the :class:`SampleError` that says so.
+
+    A damaged or truncated tar raises :class:`SampleError` (malformed_row) after its whole
+    samples, saying how many were read (the samples after the damage cannot be counted); the
+    sample being read when the damage came is not yielded.
     """
-    key, files = None, {}
+    key, files, n = None, {}, 0
     try:
         with tarfile.open(path, "r|*") as tar:
             for member in tar:
@@ -88,15 +114,31 @@ def iter_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
                 k, ext = _split_key(member.name)
                 if k != key and files:
                     yield key, files
-                    files = {}
+                    files, n = {}, n + 1
                 key = k
-                files[ext] = tar.extractfile(member).read()
+                if member.size > max_bytes:
+                    files[ext] = SampleError(
+                        "bad_file",
+                        f"{path.name}:{member.name} is {member.size:,} bytes, over the "
+                        f"{max_bytes:,}-byte limit (data.max_file_mb)",
+                    )
+                else:
+                    files[ext] = tar.extractfile(member).read()
+            end = tar.offset
     except (tarfile.TarError, OSError, EOFError) as e:
-        if files:
-            yield key, files
-        raise SampleError("malformed_row", f"unreadable tar after sample {key!r}: {e}") from e
+        raise _truncated(path, n, key, str(e)) from e
+    if not _ends_cleanly(path, end):
+        raise _truncated(path, n, key, "no end-of-archive marker")
     if files:
         yield key, files
+
+
+def checked(files: dict[str, bytes | SampleError]) -> dict[str, bytes]:
+    """``files`` with every member read, or the first member's :class:`SampleError`."""
+    for value in files.values():
+        if isinstance(value, SampleError):
+            raise value
+    return files  # type: ignore[return-value]
 
 
 def sample_captions(files: dict[str, bytes]) -> list[Any]:
@@ -116,7 +158,7 @@ def sample_captions(files: dict[str, bytes]) -> list[Any]:
 def count_items(path: Path, modality: str) -> int:
     """Items (captions) of ``modality``'s samples in one shard, reading only tar headers and
     the small text members; unreadable parts count as nothing."""
-    exts = IMAGE_EXTS if modality == "image" else AUDIO_EXTS
+    exts = IMAGE_SUFFIXES if modality == "image" else AUDIO_SUFFIXES
     samples: dict[str, tuple[bool, int]] = {}
     try:
         with tarfile.open(path, "r:") as tar:
@@ -169,11 +211,12 @@ class ShardDataset(IterableDataset):
         shuffle: bool = False,
         seed: int = 0,
         buffer: int = 512,
+        max_bytes: int = MAX_FILE_BYTES,
     ) -> None:
         self.shards = [Path(s) for s in shards]
         self.modality, self.strict, self.shuffle, self.seed = modality, strict, shuffle, seed
         self.image_size, self.sample_rate, self.num_samples = image_size, sample_rate, num_samples
-        self.buffer = buffer
+        self.buffer, self.max_bytes = buffer, max_bytes
         self.epoch = 0  # advanced per pass; persistent workers keep their copy's count
         self._count: int | None = None
 
@@ -195,8 +238,9 @@ class ShardDataset(IterableDataset):
             return shards[slot::slots], 0, 1
         return shards, slot, slots
 
-    def _decode(self, shard: Path, key: str, files: dict[str, bytes]) -> list[dict[str, Any]]:
-        img, aud = _ext(files, IMAGE_EXTS), _ext(files, AUDIO_EXTS)
+    def _decode(self, shard: Path, key: str, files: dict[str, Any]) -> list[dict[str, Any]]:
+        files = checked(files)
+        img, aud = _ext(files, IMAGE_SUFFIXES), _ext(files, AUDIO_SUFFIXES)
         member = f"{shard.name}:{key}.{img if self.modality == 'image' else aud}"
         if img is None and aud is None:
             raise SampleError("malformed_row", "no image or audio member")
@@ -226,7 +270,7 @@ class ShardDataset(IterableDataset):
         shards, keep, every = self._assigned(slot, slots)
         n = 0
         for shard in shards:
-            samples = iter_samples(shard)
+            samples = iter_samples(shard, self.max_bytes)
             while True:
                 try:
                     key, files = next(samples)
@@ -281,115 +325,3 @@ class ShardDataset(IterableDataset):
                 format_summary(summarize(pending), "a reader with only bad samples"),
                 file=sys.stderr,
             )
-
-
-# ---------------------------------------------------------------- writing
-def _read(path: str | None) -> tuple[str, bytes] | None:
-    if path is None:
-        return None
-    ext = Path(path).suffix.lower().lstrip(".")
-    return ext, Path(path).read_bytes()
-
-
-def write_shards(
-    records: Sequence[Record],
-    out_dir: str | Path,
-    prefix: str,
-    shard_size: int,
-    strict: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Write ``records`` as ``out_dir/<prefix>-000000.tar``, ... (``shard_size`` samples each).
-
-    Records sharing media form one sample whose ``.json`` lists their captions. Media bytes are
-    copied as they are (decoding errors surface when training reads the shards); rows that
-    cannot be read and missing files are skipped and summarised, or raise in ``strict`` mode.
-    Returns ``{"shards": [...], "samples": n, "skipped": summary}``.
-    """
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    if strict:
-        check_strict(records)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    groups: dict[tuple, list[Record]] = {}
-    skipped: list[dict[str, str]] = []
-    for r in records:
-        if r.error is not None:
-            skipped.append(skip_entry(r, r.error))
-        else:
-            groups.setdefault((r.item, r.image, r.audio), []).append(r)
-    shards: list[str] = []
-    tar = None
-    n = 0
-    try:
-        for rs in tqdm(
-            groups.values(), desc=f"shards {prefix}", unit="sample", disable=not progress
-        ):
-            first = rs[0]
-            try:
-                media = [m for m in (_read(first.image), _read(first.audio)) if m is not None]
-            except OSError as e:
-                err = SampleError("missing_file", f"{first.image or first.audio}: {e.strerror}")
-                if strict:
-                    raise DataError(f"bad sample at {first.where}: {err}") from e
-                skipped += [skip_entry(r, err) for r in rs]
-                continue
-            if n % shard_size == 0:
-                if tar is not None:
-                    tar.close()
-                shards.append(str(out_dir / f"{prefix}-{len(shards):06d}.tar"))
-                tar = tarfile.open(shards[-1] + ".tmp", "w")
-            meta = {
-                "captions": [r.caption for r in rs],
-                "source": first.source,
-                "rows": [r.row for r in rs],
-            }
-            key = f"{n:08d}"
-            for ext, data in [*media, ("json", json.dumps(meta).encode())]:
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime, info.mode = len(data), 0, 0o644
-                tar.addfile(info, io.BytesIO(data))
-            n += 1
-    finally:
-        if tar is not None:
-            tar.close()
-    for s in shards:
-        os.replace(s + ".tmp", s)
-    return {"shards": shards, "samples": n, "skipped": summarize(skipped)}
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    from autoglm_phone.data.sources import SOURCES, read_split
-
-    p = argparse.ArgumentParser(
-        prog="python -m autoglm_phone.data.shards",
-        description="Convert a manifest, COCO or AudioCaps/Clotho source into tar shards "
-        "(<out>/<split>-000000.tar, ...).",
-    )
-    p.add_argument("--source", required=True, choices=SOURCES)
-    p.add_argument("--input", required=True, help="the source file; {split} for one file per split")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    p.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
-    p.add_argument("--image-dir", default=None, help="image folder, relative to the input file")
-    p.add_argument("--audio-dir", default=None, help="audio folder, relative to the input file")
-    p.add_argument(
-        "--split-names",
-        nargs="*",
-        default=[],
-        metavar="SPLIT=NAME",
-        help="file names of the splits for {split}, e.g. train=development",
-    )
-    p.add_argument("--strict", action="store_true", help="stop at the first bad row")
-    args = p.parse_args(argv)
-    names = dict(kv.split("=", 1) for kv in args.split_names)
-    for split in args.splits:
-        records = read_split(args.source, args.input, split, args.image_dir, args.audio_dir, names)
-        result = write_shards(records, args.out, split, args.shard_size, strict=args.strict)
-        print(f"{split}: {result['samples']} samples in {len(result['shards'])} shards")
-        print(format_summary(result["skipped"], f"{split}"))
-
-
-if __name__ == "__main__":
-    main()
