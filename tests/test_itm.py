@@ -16,6 +16,8 @@ from autoglm_phone.losses import (
     sample_hard_negatives_across_ranks,
 )
 from autoglm_phone.losses.itm import IGNORE_INDEX
+from autoglm_phone.objectives import ITM, Features
+from autoglm_phone.objectives import itm as itm_module
 
 # a fixed 3x4 case: row i's positive is column i, column 3 is nobody's
 SIM = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.5, 3.0, 0.5, 1.5], [-2.0, 0.0, 1.0, 2.0]])
@@ -165,3 +167,29 @@ def test_sampling_never_syncs_with_the_host():
         itm_loss(torch.randn(labels.shape[0], 2, device="cuda"), labels)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_itm_objective_never_draws_another_caption_of_the_same_item(monkeypatch):
+    """Multi-caption data: a caption of the same image is not its negative (BLIP's image ids),
+    even when its text differs and the ITC similarity favours it."""
+    seen = {}
+
+    def capture(model, block, input_ids, attention_mask, media_index, text_index):
+        seen["pairs"] = (media_index, text_index)
+        return torch.zeros(len(media_index), 2)
+
+    monkeypatch.setattr(itm_module, "match_logits", capture)
+    b = 8
+    items = torch.arange(b) // 2  # two captions per item, every caption its own text
+    media = F.normalize(torch.randn(b, 16), dim=-1)
+    media = media[items * 2]  # both rows of an item show the same media
+    # each caption is most similar to the other caption of its item: the hardest "negative"
+    text = media + 0.01 * torch.randn(b, 16)
+    feats = Features(media=media, scale=torch.tensor(100.0), text=F.normalize(text, dim=-1))
+    batch = {"item_id": items, "caption_id": torch.arange(b) + 100, "input_ids": None,
+             "attention_mask": None}  # fmt: skip
+    objective = ITM()
+    for seed in range(20):
+        objective.targets(None, batch, feats, torch.Generator().manual_seed(seed))
+        mi, ti = seen["pairs"]
+        assert (items[mi[b:]] != items[ti[b:]]).all(), "a caption of the same item was a negative"

@@ -1,8 +1,10 @@
 """ITM: matched / not-matched on the fused ``[media block; caption]`` (ALBEF, Li et al. 2021).
 
 One pipeline for training and evaluation: the ITC similarity picks each item's hard negative
-caption and each caption's hard negative item (:mod:`autoglm_phone.losses.itm`, positives by
-caption id), the decoder fuses the ``3B`` pairs and the ITM head scores them.
+caption and each caption's hard negative item (:mod:`autoglm_phone.losses.itm`), the decoder
+fuses the ``3B`` pairs and the ITM head scores them. Positives are by item id, as BLIP's image ids:
+another caption of the same image or clip is never drawn as its negative (on the embedded data
+the item id is the caption id, so equal captions are never each other's negatives either).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class ITM(LabelledObjective):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``(3B, 2)`` and labels ``(3B,)`` of the positive and hard-negative pairs."""
         sim = feats.similarity()  # (B, B) read without gradient by the sampler
-        keys = batch["caption_id"]
+        keys = batch["item_id"]  # (B,)
         neg_text, ok_text = sample_hard_negatives(sim, keys, keys, generator)
         neg_media, ok_media = sample_hard_negatives(sim.T, keys, keys, generator)
         mi, ti, labels = itm_targets(neg_text, neg_media, ok_text, ok_media)  # (3B,) each
