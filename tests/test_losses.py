@@ -3,8 +3,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from open_clip.loss import ClipLoss
 
 from autoglm_phone.losses import itc_loss
+from autoglm_phone.objectives import ITC, Features
 
 
 def test_itc_equals_direct_infonce():
@@ -61,3 +63,14 @@ def test_itc_other_captions_of_the_same_item_are_not_negatives():
     # unique items: exactly open_clip's ClipLoss
     unique = itc_loss()(img, txt, scale, item_ids=torch.tensor([1, 2, 3]))
     assert unique.item() == pytest.approx(plain.item(), abs=1e-12)
+
+
+def test_itc_objective_masks_same_item_pairs_unless_switched_off():
+    """``objective.itc_mask_same_item=false`` is CLIP's plain loss (the ablation's baseline)."""
+    torch.manual_seed(0)
+    media, text = F.normalize(torch.randn(6, 8), dim=-1), F.normalize(torch.randn(6, 8), dim=-1)
+    feats = Features(media=media, scale=torch.tensor(10.0), text=text)
+    batch = {"item_id": torch.tensor([0, 0, 1, 2, 3, 3])}
+    plain = ClipLoss()(media, text, torch.tensor(10.0))
+    assert torch.allclose(ITC(mask_same_item=False)(None, batch, feats).loss, plain)
+    assert not torch.allclose(ITC()(None, batch, feats).loss, plain)

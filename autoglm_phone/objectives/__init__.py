@@ -49,7 +49,7 @@ class Objective(Protocol):
 
 # name -> factory(cfg, rank, world_size); the order is the order a step runs them in
 FACTORIES: dict[str, Callable[[ObjectiveConfig, int, int], Objective]] = {
-    "itc": lambda cfg, rank, world: ITC(rank, world),
+    "itc": lambda cfg, rank, world: ITC(rank, world, mask_same_item=cfg.itc_mask_same_item),
     "distill": lambda cfg, rank, world: Distill(cfg.distill.temperature),
     "itm": lambda cfg, rank, world: ITM(),
     "mlm": lambda cfg, rank, world: MLM(cfg.mlm_prob),

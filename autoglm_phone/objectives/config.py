@@ -42,6 +42,9 @@ class ObjectiveConfig:
     """Per modality: ``loss = sum_k weight_k * loss_k`` (+ the MoE balancing terms)."""
 
     itc_weight: float = 1.0  # contrastive, open_clip's ClipLoss
+    # other captions of the same item are not ITC negatives (BLIP's image ids); false: CLIP's
+    # plain in-batch negatives (an ablation, bench/itc_item_mask.py)
+    itc_mask_same_item: bool = True
     itm_weight: float = 0.0  # matching with ITC hard negatives (ALBEF)
     mlm_weight: float = 0.0  # masked caption tokens with the media visible (BERT 80/10/10)
     mlm_prob: float = 0.15

@@ -19,11 +19,12 @@ if TYPE_CHECKING:
 class ITC:
     name = "itc"
 
-    def __init__(self, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, rank: int = 0, world_size: int = 1, mask_same_item: bool = True) -> None:
         self.loss = itc_loss(rank=rank, world_size=world_size)
+        self.mask_same_item = mask_same_item
 
     def __call__(
         self, model: AutoGLMModel, batch: dict[str, Any], feats: Features
     ) -> ObjectiveOutput:
-        loss = self.loss(feats.media, feats.text, feats.scale, item_ids=batch["item_id"])
-        return ObjectiveOutput(loss)
+        items = batch["item_id"] if self.mask_same_item else None  # None: CLIP's plain loss
+        return ObjectiveOutput(self.loss(feats.media, feats.text, feats.scale, item_ids=items))
