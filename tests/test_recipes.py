@@ -35,6 +35,10 @@ EXPECTED = {  # experiment -> losses it must log for each modality
 }
 
 
+# vision and audio towers at depth 1 where only the text side is under test
+SHALLOW_TOWERS = ["model.vision.depth=1", "model.audio.depth=1"]
+
+
 def _cfg(experiment: str, out, cache_dir, *extra: str):
     return compose_train(
         [
@@ -315,6 +319,7 @@ def test_separate_text_encoder_splits_itc_from_the_fused_objectives(tmp_path, ca
             cache_dir,
             "model.text_encoder_layers=1",
             "trainer.fast_dev_run=2",
+            *SHALLOW_TOWERS,
         )
     )
     trained, _, hp = load_checkpoint(result["ckpt_path"])
@@ -327,6 +332,7 @@ def test_separate_text_encoder_splits_itc_from_the_fused_objectives(tmp_path, ca
             cache_dir,
             "model.text_encoder_layers=1",
             "trainer.fast_dev_run=2",
+            *SHALLOW_TOWERS,
         )
     )
     assert math.isfinite(itc["metrics"]["train/itc_image"])
@@ -338,6 +344,7 @@ def test_separate_text_encoder_splits_itc_from_the_fused_objectives(tmp_path, ca
             cache_dir,
             f"init_from={result['ckpt_path']}",
             "trainer.fast_dev_run=2",
+            *SHALLOW_TOWERS,
         )
     )
     tuned, _ = read_model_state(sft["ckpt_path"])
