@@ -24,9 +24,9 @@ from autoglm_phone.app.train import run
 FAST = [
     "experiment=itc_pretrain",
     *SMALL_DATA,
-    "data.num_train=48",
+    "data.num_train=24",
     "data.num_av_train=8",
-    "data.batch_size=8",  # 56 items per modality: 7 steps an epoch
+    "data.batch_size=8",  # 32 items per modality: 4 steps an epoch
     "model.vision.depth=2",
     "model.audio.depth=2",
     "model.text.num_layers=2",
@@ -38,7 +38,7 @@ FAST = [
     "trainer.enable_progress_bar=false",
     "logger=csv",
 ]
-STEPS_PER_EPOCH = 7
+STEPS_PER_EPOCH = 4
 
 
 def _train(run_dir: Path, cache_dir: Path, *args: str) -> list[str]:
@@ -155,7 +155,7 @@ def test_killed_run_resumes_mid_epoch_to_the_same_weights(tmp_path, cache_dir):
 def test_every_checkpoint_loads_weights_only_with_plain_hyper_parameters(tmp_path, cache_dir):
     run(_compose(tmp_path, cache_dir, "trainer.max_epochs=1", "callbacks.every_n_train_steps=2"))
     names = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt"))
-    assert names == ["epoch000-step7.ckpt", "last.ckpt"]
+    assert names == ["epoch000-step4.ckpt", "last.ckpt"]
     for name in names:
         ckpt = _load(tmp_path / "checkpoints" / name)  # weights_only=True
         assert set(ckpt["hyper_parameters"]) >= {"model", "optim", "tokenizer_files"}
