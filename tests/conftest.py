@@ -57,6 +57,47 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+def compose_config(name: str, overrides: list[str]):
+    """``conf/<name>.yaml`` with ``overrides``, as ``train.py``/``eval.py`` would see it (Hydra's
+    compose API: tests call ``run(cfg)`` in-process instead of starting the scripts)."""
+    from hydra import compose, initialize_config_dir
+
+    from autoglm_phone.app.schema import register_schemas
+
+    register_schemas()
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        return compose(config_name=name, overrides=overrides)
+
+
+@pytest.fixture(scope="session")
+def base_run(tmp_path_factory, cache_dir) -> dict:
+    """One (barely) trained itm_mlm_pretrain run for the session, built once: its checkpoint is
+    evaluated, fine-tuned from and distilled from. ``run(cfg)``'s result (paths, metrics)."""
+    from autoglm_phone.app.train import run
+
+    out = tmp_path_factory.mktemp("base")
+    cfg = compose_config(
+        "train",
+        [
+            "experiment=itm_mlm_pretrain",
+            "logger=csv",
+            "logger.name=none",
+            "trainer.fast_dev_run=2",
+            "trainer.enable_progress_bar=false",
+            f"paths.output_dir={out}",
+            f"paths.cache_dir={cache_dir}",
+            *SMALL_DATA,
+        ],
+    )
+    return run(cfg)
+
+
+@pytest.fixture(scope="session")
+def base_ckpt(base_run) -> str:
+    """The checkpoint of :func:`base_run`."""
+    return base_run["ckpt_path"]
+
+
 # The tiny preset at depth 1 everywhere, for speed: shallow towers; the decoder keeps one dense
 # and one MoE layer (the preset's layer 1 is MoE).
 SHALLOW = {

@@ -1,18 +1,20 @@
-"""train.py and eval.py on every real source, built on the fly; the multi-caption protocol."""
+"""train.py and eval.py (``run(cfg)`` in-process) on every real source, built on the fly; the
+multi-caption protocol."""
 
 from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import compose_config
 from datafixtures import make_audiocaps, make_coco, make_manifest
 
+from autoglm_phone.app import evaluate
+from autoglm_phone.app import train as train_app
 from autoglm_phone.app.evaluate import retrieval_report
+from autoglm_phone.data import convert_shards
 
 # 4 bad rows of 40 (10%), all in the train split (lines are rows + 1)
 DEFECTS = {3: "corrupt_image", 10: "missing_file", 17: "empty_caption", 25: "malformed_row"}
@@ -21,49 +23,53 @@ FAST = [
     "trainer.enable_progress_bar=false",
     "data.batch_size=8",
     "data.eval_batch_size=8",
+    # the tiny preset at depth 1: these tests check the data path, not what is learnt
+    "model.vision.depth=1",
+    "model.audio.depth=1",
+    "model.text.num_layers=2",
+    "model.text.moe.layers=[1]",
 ]
 
 
-def _run(script: str, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / script), *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
+def _train_cfg(run_dir, cache_dir, *overrides: str):
+    return compose_config(
+        "train",
+        [*overrides, f"paths.output_dir={run_dir}", f"paths.cache_dir={cache_dir}", *FAST],
     )
-    if ok:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 def _eval(run_dir, tmp_path, cache_dir) -> dict:
     out = tmp_path / "metrics.json"
-    _run(
-        "eval.py",
-        f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
-        f"output_json={out}",
-        f"paths.cache_dir={cache_dir}",
-        f"hydra.run.dir={tmp_path / 'eval'}",
+    cfg = compose_config(
+        "eval",
+        [
+            f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+            f"output_json={out}",
+            f"paths.cache_dir={cache_dir}",
+            f"paths.output_dir={tmp_path / 'eval'}",
+        ],
     )
+    evaluate.run(cfg)
     return json.loads(out.read_text())
 
 
-def test_manifest_with_ten_percent_bad_rows_trains_and_reports_exactly_those(tmp_path, cache_dir):
+def test_manifest_with_ten_percent_bad_rows_trains_and_reports_exactly_those(
+    tmp_path, cache_dir, capsys
+):
     path = make_manifest(tmp_path / "data", 40, bad=DEFECTS)
     run = tmp_path / "run"
-    proc = _run(
-        "train.py",
+    cfg = _train_cfg(
+        run,
+        cache_dir,
         "data=manifest",
         f"data.path={path}",
         "trainer.max_epochs=1",  # one full epoch: 32 image rows in 4 batches of 8
-        f"hydra.run.dir={run}",
-        f"paths.cache_dir={cache_dir}",
-        *FAST,
     )
+    train_app.run(cfg)
     assert (
         "epoch 0 train: skipped 4 samples "
-        "(corrupt_image=1, empty_caption=1, malformed_row=1, missing_file=1)" in proc.stdout
+        "(corrupt_image=1, empty_caption=1, malformed_row=1, missing_file=1)"
+        in capsys.readouterr().out
     )
     train = [json.loads(x) for x in (run / "skipped_samples.jsonl").read_text().splitlines()]
     train = [s for s in train if s["stage"] == "train"]
@@ -83,34 +89,33 @@ def test_manifest_with_ten_percent_bad_rows_trains_and_reports_exactly_those(tmp
 
 def test_strict_mode_stops_naming_the_file_and_row(tmp_path, cache_dir):
     path = make_manifest(tmp_path / "data", 40, bad={3: "corrupt_image"})
-    proc = _run(
-        "train.py",
+    cfg = _train_cfg(
+        tmp_path / "run",
+        cache_dir,
         "data=manifest",
         f"data.path={path}",
         "data.strict=true",
         "trainer.fast_dev_run=4",
-        f"hydra.run.dir={tmp_path / 'run'}",
-        f"paths.cache_dir={cache_dir}",
-        *FAST,
-        ok=False,
     )
-    assert proc.returncode != 0
-    assert "bad sample at pairs.jsonl, line 4: corrupt_image" in proc.stderr + proc.stdout
-    assert "003.png" in proc.stderr + proc.stdout
+    with pytest.raises(SystemExit) as e:  # what train.py exits with
+        train_app.main(cfg)
+    message = str(e.value)
+    assert "bad sample at pairs.jsonl, line 4: corrupt_image" in message
+    assert "003.png" in message
 
 
 def test_coco_trains_and_evaluates_with_the_multi_caption_protocol(tmp_path, cache_dir):
     path = make_coco(tmp_path / "coco", n_images=24, captions=5)
     run = tmp_path / "run"
-    _run(
-        "train.py",
-        "data=coco",
-        f"data.path={path}",
-        "data.image_dir=images",
-        "trainer.fast_dev_run=2",
-        f"hydra.run.dir={run}",
-        f"paths.cache_dir={cache_dir}",
-        *FAST,
+    train_app.run(
+        _train_cfg(
+            run,
+            cache_dir,
+            "data=coco",
+            f"data.path={path}",
+            "data.image_dir=images",
+            "trainer.fast_dev_run=2",
+        )
     )
     result = _eval(run, tmp_path, cache_dir)
     assert set(result["retrieval"]) == {"image->text", "text->image"}
@@ -125,16 +130,16 @@ def test_caption_sft_on_real_captions(tmp_path, cache_dir):
     """Real data has no attributes to ask about: each item is a describe-prompt/caption pair."""
     path = make_coco(tmp_path / "coco", n_images=24, captions=2)
     run = tmp_path / "run"
-    _run(
-        "train.py",
-        "experiment=caption_sft",
-        "data=coco",
-        f"data.path={path}",
-        "data.image_dir=images",
-        "trainer.fast_dev_run=2",
-        f"hydra.run.dir={run}",
-        f"paths.cache_dir={cache_dir}",
-        *FAST,
+    train_app.run(
+        _train_cfg(
+            run,
+            cache_dir,
+            "experiment=caption_sft",
+            "data=coco",
+            f"data.path={path}",
+            "data.image_dir=images",
+            "trainer.fast_dev_run=2",
+        )
     )
     fused = _eval(run, tmp_path, cache_dir)["fused"]
     assert set(fused) == {"image perplexity"}  # captioning accuracy needs the synthetic grammar
@@ -146,16 +151,16 @@ def test_caption_sft_on_real_captions(tmp_path, cache_dir):
 def test_audiocaps_trains(tmp_path, cache_dir):
     pattern = make_audiocaps(tmp_path / "ac", {"train": 16, "val": 4, "test": 4})
     run = tmp_path / "run"
-    _run(
-        "train.py",
-        "data=audiocaps",
-        f"data.path='{pattern}'",  # quoted: Hydra reads braces otherwise
-        "data.audio_dir=audio",
-        "data.audio_seconds=0.5",
-        "trainer.fast_dev_run=2",
-        f"hydra.run.dir={run}",
-        f"paths.cache_dir={cache_dir}",
-        *FAST,
+    train_app.run(
+        _train_cfg(
+            run,
+            cache_dir,
+            "data=audiocaps",
+            f"data.path='{pattern}'",  # quoted: Hydra reads braces otherwise
+            "data.audio_dir=audio",
+            "data.audio_seconds=0.5",
+            "trainer.fast_dev_run=2",
+        )
     )
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["global_step"] == 2 and state["hyper_parameters"]["data"]["name"] == "audiocaps"
@@ -163,26 +168,21 @@ def test_audiocaps_trains(tmp_path, cache_dir):
 
 def test_webdataset_shards_train_with_workers(tmp_path, cache_dir):
     path = make_manifest(tmp_path / "data", 40)
-    convert = subprocess.run(
-        [sys.executable, "-m", "autoglm_phone.data.convert_shards", "--source", "manifest"]
-        + ["--input", str(path), "--out", str(tmp_path / "shards"), "--shard-size", "8"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
+    convert_shards.main(  # its command line is test_data_sources' concern
+        ["--source", "manifest", "--input", str(path), "--out", str(tmp_path / "shards")]
+        + ["--shard-size", "8"]
     )
-    assert convert.returncode == 0, convert.stderr
     run = tmp_path / "run"
-    _run(
-        "train.py",
-        "data=webdataset",
-        f"data.path='{tmp_path / 'shards' / '{split}-*.tar'}'",
-        "data.num_workers=2",
-        "trainer.max_epochs=1",  # a real epoch: the LR schedule needs the shards' length
-        "trainer.log_every_n_steps=1",
-        f"hydra.run.dir={run}",
-        f"paths.cache_dir={cache_dir}",
-        *FAST,
+    train_app.run(
+        _train_cfg(
+            run,
+            cache_dir,
+            "data=webdataset",
+            f"data.path='{tmp_path / 'shards' / '{split}-*.tar'}'",
+            "data.num_workers=2",
+            "trainer.max_epochs=1",  # a real epoch: the LR schedule needs the shards' length
+            "trainer.log_every_n_steps=1",
+        )
     )
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["global_step"] == 4  # 32 train pairs in 4 shards, 2 workers, batches of 8

@@ -1,19 +1,19 @@
 """Every experiment trains; the objectives learn; fine-tuning recipes freeze, thaw and merge as
-they say; distillation is zero between identical models; eval.py reports the fused metrics."""
+they say; distillation is zero between identical models; eval.py reports the fused metrics.
+The checkpoint they start from is the session's ``base_ckpt`` (conftest.py)."""
 
 from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, SMALL_DATA
+from conftest import SMALL_DATA, compose_config
 from lightning.pytorch.callbacks import Callback
 from test_configs import EXPERIMENTS, compose_train
 
+from autoglm_phone.app import evaluate
 from autoglm_phone.app.eval_tasks import (
     RERANK_WEIGHTS,
     captioning_scores,
@@ -35,6 +35,10 @@ EXPECTED = {  # experiment -> losses it must log for each modality
 }
 
 
+# vision and audio towers at depth 1 where only the text side is under test
+SHALLOW_TOWERS = ["model.vision.depth=1", "model.audio.depth=1"]
+
+
 def _cfg(experiment: str, out, cache_dir, *extra: str):
     return compose_train(
         [
@@ -50,26 +54,22 @@ def _cfg(experiment: str, out, cache_dir, *extra: str):
     )
 
 
-@pytest.fixture(scope="module")
-def base_ckpt(tmp_path_factory, cache_dir) -> str:
-    """A (barely) trained itm_mlm_pretrain checkpoint to start from and distil from."""
-    out = tmp_path_factory.mktemp("base")
-    result = run(_cfg("itm_mlm_pretrain", out, cache_dir, "trainer.fast_dev_run=2"))
-    return result["ckpt_path"]
-
-
 def test_every_recipe_has_an_expectation():
     assert sorted(EXPECTED) == EXPERIMENTS
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_experiment_fast_dev_run(experiment, base_ckpt, tmp_path, cache_dir):
+def test_experiment_fast_dev_run(experiment, base_run, tmp_path, cache_dir):
+    base_ckpt = base_run["ckpt_path"]
     extra = ["trainer.fast_dev_run=2"]
     if experiment in ("caption_sft", "lora_finetune", "freeze_then_unfreeze"):
         extra.append(f"init_from={base_ckpt}")
     if experiment == "distill":
         extra.append(f"objective.distill.teacher_ckpt={base_ckpt}")
-    result = run(_cfg(experiment, tmp_path, cache_dir, *extra))
+    if experiment == "itm_mlm_pretrain":  # the session's base run is this very run
+        result = base_run
+    else:
+        result = run(_cfg(experiment, tmp_path, cache_dir, *extra))
     metrics = result["metrics"]
     for modality in ("image", "audio"):
         for loss in EXPECTED[experiment]:
@@ -225,23 +225,18 @@ def test_distill_is_zero_between_identical_models(tmp_path, cache_dir, base_ckpt
 
 def test_eval_reports_fused_metrics(base_ckpt, cache_dir, tmp_path):
     out = tmp_path / "metrics.json"
-    proc = subprocess.run(
+    cfg = compose_config(
+        "eval",
         [
-            sys.executable,
-            str(ROOT / "eval.py"),
             f"ckpt_path={base_ckpt}",
             f"output_json={out}",
             f"paths.cache_dir={cache_dir}",
-            f"hydra.run.dir={tmp_path}",
+            f"paths.output_dir={tmp_path}",
             "tasks=[itm,rerank,mlm,perplexity,captioning]",
             "rerank_k=4",
         ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluate.run(cfg)
     fused = json.loads(out.read_text())["fused"]
     for m in ("image", "audio"):
         assert 0 <= fused[f"{m} itm"]["balanced_accuracy"] <= 100
@@ -324,6 +319,7 @@ def test_separate_text_encoder_splits_itc_from_the_fused_objectives(tmp_path, ca
             cache_dir,
             "model.text_encoder_layers=1",
             "trainer.fast_dev_run=2",
+            *SHALLOW_TOWERS,
         )
     )
     trained, _, hp = load_checkpoint(result["ckpt_path"])
@@ -336,6 +332,7 @@ def test_separate_text_encoder_splits_itc_from_the_fused_objectives(tmp_path, ca
             cache_dir,
             "model.text_encoder_layers=1",
             "trainer.fast_dev_run=2",
+            *SHALLOW_TOWERS,
         )
     )
     assert math.isfinite(itc["metrics"]["train/itc_image"])
@@ -347,6 +344,7 @@ def test_separate_text_encoder_splits_itc_from_the_fused_objectives(tmp_path, ca
             cache_dir,
             f"init_from={result['ckpt_path']}",
             "trainer.fast_dev_run=2",
+            *SHALLOW_TOWERS,
         )
     )
     tuned, _ = read_model_state(sft["ckpt_path"])
