@@ -10,10 +10,20 @@ left out of row ``i``'s softmax denominator; with unique ids the loss is ``ClipL
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
+
+MAX_LOG_LOGIT_SCALE = math.log(100.0)  # CLIP's cap on the learned temperature: scale <= 100
+
+
+def clamped_logit_scale(log_scale: torch.Tensor) -> torch.Tensor:
+    """The multiplier of the cosine similarities, ``exp(min(log_scale, log 100))``: the one
+    place the learned temperature is clamped (training, evaluation, ``AutoGLMModel.forward``)."""
+    return log_scale.clamp(max=MAX_LOG_LOGIT_SCALE).exp()
 
 
 class ItemClipLoss(ClipLoss):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoglm_phone.config import MultiModalConfig
+from autoglm_phone.losses.contrastive import clamped_logit_scale
 from autoglm_phone.losses.lm import align_to_prefix
 from autoglm_phone.losses.mlm import mask_tokens
 from autoglm_phone.models import io
@@ -51,7 +52,6 @@ from autoglm_phone.models.size import (  # noqa: F401  (re-exported: the names' 
     weight_bytes,
 )
 from autoglm_phone.models.towers import AudioTower, TowerOutput, VisionTower
-from autoglm_phone.objectives.features import clamped_logit_scale
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,13 @@ and every caller hands that rate to the tower with :func:`media_kwargs`, which r
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from autoglm_phone.losses.contrastive import clamped_logit_scale
 
 if TYPE_CHECKING:
     from autoglm_phone.models.autoglm import AutoGLMModel
@@ -23,13 +24,6 @@ Batch = dict[str, Any]  # a collated batch (autoglm_phone/app/datamodule.py list
 Generator = torch.Generator | None  # seeded draws (evaluation), or the global RNG
 
 # CLIP (Radford et al. 2021, Sec. 2.5) clips the learned logit scale at 100 (temperature 0.01)
-MAX_LOG_LOGIT_SCALE = math.log(100.0)
-
-
-def clamped_logit_scale(log_scale: torch.Tensor) -> torch.Tensor:
-    """The multiplier of the cosine similarities, ``exp(min(log_scale, log 100))``: the one
-    place the learned temperature is clamped (training, evaluation, ``AutoGLMModel.forward``)."""
-    return log_scale.clamp(max=MAX_LOG_LOGIT_SCALE).exp()
 
 
 def media_kwargs(batch: dict[str, Any]) -> dict[str, int]:
