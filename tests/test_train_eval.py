@@ -128,4 +128,5 @@ def test_train_py_multirun_sweeps(tmp_path, cache_dir):
         saved = (tmp_path / job / ".hydra" / "config.yaml").read_text()
         assert f"seed: {int(job) + 1}" in saved
         assert (tmp_path / job / "config.yaml").exists()
-    assert list((tmp_path / "0" / "wandb").glob("offline-run-*"))
+    for job in ("0", "1"):  # each job its own offline wandb run, not the first job's
+        assert len(list((tmp_path / job / "wandb").glob("offline-run-*"))) == 1, job

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -201,13 +202,24 @@ def main(cfg: DictConfig) -> dict[str, Any]:
         return run(cfg)
 
 
+def finish_wandb_run() -> None:
+    """Close the wandb run this process opened, so the next job of a ``-m`` sweep (same
+    process) gets a run of its own instead of logging into this one."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Build data, tokenizer, model and trainer from ``cfg``; fit; return paths and metrics."""
     b = build(cfg)
     ckpt_dir = b.output_dir / "checkpoints"
-    b.trainer.fit(
-        b.module, datamodule=b.datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, ckpt_dir)
-    )
+    try:
+        b.trainer.fit(
+            b.module, datamodule=b.datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, ckpt_dir)
+        )
+    finally:
+        finish_wandb_run()
     if b.trainer.global_step == 0:
         raise RuntimeError(
             f"no training step ran (data.batch_size={cfg.data.batch_size}, "
