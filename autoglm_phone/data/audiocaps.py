@@ -18,16 +18,10 @@ import csv
 import re
 from pathlib import Path
 
+from autoglm_phone.data import records as rec  # the readers' shared row helpers
 from autoglm_phone.data.decode import AUDIO_SUFFIXES, SampleError
 from autoglm_phone.data.manifest import not_utf8
-from autoglm_phone.data.records import (
-    DataFileError,
-    Record,
-    bad_row,
-    make_record,
-    media_base,
-    media_path,
-)
+from autoglm_phone.data.records import DataFileError, Record
 
 AUDIO_COLUMNS = ("file_name", "audio", "youtube_id")
 _WIDE = re.compile(r"caption_?(\d+)$")
@@ -42,7 +36,7 @@ class _Folder:
     def resolve(self, value: str) -> str | None:
         value = value.strip()
         if not value or Path(value).suffix.lower().lstrip(".") in AUDIO_SUFFIXES:
-            return media_path(value, self.base, self.allow_outside)
+            return rec.media_path(value, self.base, self.allow_outside)
         if self._stems is None:
             found = sorted(self.base.iterdir()) if self.base.is_dir() else []
             self._stems = {}
@@ -50,7 +44,7 @@ class _Folder:
                 if p.suffix.lower().lstrip(".") in AUDIO_SUFFIXES:
                     self._stems.setdefault(p.stem, p.name)
         name = self._stems.get(value, f"{value}.{AUDIO_SUFFIXES[0]}")
-        return media_path(name, self.base, self.allow_outside)
+        return rec.media_path(name, self.base, self.allow_outside)
 
 
 def read_audiocaps(
@@ -60,7 +54,7 @@ def read_audiocaps(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"audio captions CSV not found: {path}")
-    folder = _Folder(media_base(path, audio_dir), allow_outside)
+    folder = _Folder(rec.media_base(path, audio_dir), allow_outside)
     records: list[Record] = []
     with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.reader(f)
@@ -87,18 +81,18 @@ def read_audiocaps(
             if why is None and len(fields) != len(header):
                 why = f"{len(fields)} fields, header has {len(header)}"
             if why is not None:
-                records.append(bad_row(path.name, where, why))
+                records.append(rec.bad_row(path.name, where, why))
                 continue
             row = dict(zip(header, fields, strict=True))
             try:
                 audio = folder.resolve(row[audio_col])
             except SampleError as e:
-                records.append(bad_row(path.name, where, e))
+                records.append(rec.bad_row(path.name, where, e))
                 continue
             if audio is None:
-                records.append(bad_row(path.name, where, f"empty {audio_col}"))
+                records.append(rec.bad_row(path.name, where, f"empty {audio_col}"))
                 continue
             for col in text_cols:
                 label = f"{where}, {col}" if wide else where
-                records.append(make_record(path.name, label, row[col], audio=audio))
+                records.append(rec.make_record(path.name, label, row[col], audio=audio))
     return records

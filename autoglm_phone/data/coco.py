@@ -17,15 +17,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from autoglm_phone.data import records as rec  # the readers' shared row helpers
 from autoglm_phone.data.decode import SampleError
-from autoglm_phone.data.records import (
-    DataFileError,
-    Record,
-    bad_row,
-    make_record,
-    media_base,
-    media_path,
-)
+from autoglm_phone.data.records import DataFileError, Record
 
 KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
 
@@ -40,28 +34,28 @@ def _karpathy(
         img_split = img.get("split") if isinstance(img, dict) else None
         if not isinstance(img, dict):
             if split in (None, "train"):
-                records.append(bad_row(name, where, "not a JSON object"))
+                records.append(rec.bad_row(name, where, "not a JSON object"))
             continue
         if wanted is not None and img_split not in wanted:
             if split == "train" and img_split not in sum(KARPATHY_SPLITS.values(), ()):
-                records.append(bad_row(name, where, f"split is {img_split!r}"))
+                records.append(rec.bad_row(name, where, f"split is {img_split!r}"))
             continue
         fname = img.get("filename") or img.get("file_name")
         if not isinstance(fname, str) or not fname:
-            records.append(bad_row(name, where, "no filename"))
+            records.append(rec.bad_row(name, where, "no filename"))
             continue
         try:
-            path = media_path(str(Path(img.get("filepath") or "") / fname), base, allow_outside)
+            path = rec.media_path(str(Path(img.get("filepath") or "") / fname), base, allow_outside)
         except SampleError as e:
-            records.append(bad_row(name, where, e))
+            records.append(rec.bad_row(name, where, e))
             continue
         sentences = img.get("sentences")
         if not isinstance(sentences, list) or not sentences:
-            records.append(make_record(name, where, "", image=path))
+            records.append(rec.make_record(name, where, "", image=path))
             continue
         for j, s in enumerate(sentences):
             raw = s.get("raw") if isinstance(s, dict) else s
-            records.append(make_record(name, f"{where}.sentences[{j}]", raw, image=path))
+            records.append(rec.make_record(name, f"{where}.sentences[{j}]", raw, image=path))
     return records
 
 
@@ -70,19 +64,21 @@ def _official(data: dict[str, Any], name: str, base: Path, allow_outside: bool) 
     for img in data.get("images", []):
         if isinstance(img, dict) and isinstance(img.get("file_name"), str):
             try:
-                files[img.get("id")] = media_path(img["file_name"], base, allow_outside)
+                files[img.get("id")] = rec.media_path(img["file_name"], base, allow_outside)
             except SampleError as e:
                 files[img.get("id")] = e
     records: list[Record] = []
     for k, ann in enumerate(data["annotations"]):
         where = f"annotations[{k}]"
         if not isinstance(ann, dict) or ann.get("image_id") not in files:
-            records.append(bad_row(name, where, "image_id not among the images"))
+            records.append(rec.bad_row(name, where, "image_id not among the images"))
             continue
         if isinstance(files[ann["image_id"]], SampleError):
-            records.append(bad_row(name, where, files[ann["image_id"]]))
+            records.append(rec.bad_row(name, where, files[ann["image_id"]]))
             continue
-        records.append(make_record(name, where, ann.get("caption"), image=files[ann["image_id"]]))
+        records.append(
+            rec.make_record(name, where, ann.get("caption"), image=files[ann["image_id"]])
+        )
     return records
 
 
@@ -107,7 +103,7 @@ def read_coco(
         ) from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataFileError(f"{path}: expected a COCO captions JSON with an 'images' list")
-    base = media_base(path, image_dir)
+    base = rec.media_base(path, image_dir)
     if isinstance(data.get("annotations"), list):
         return _official(data, path.name, base, allow_outside)
     return _karpathy(data["images"], path.name, base, split, allow_outside)

@@ -15,16 +15,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from autoglm_phone.data import records as rec  # the readers' shared row helpers
 from autoglm_phone.data.decode import SampleError
-from autoglm_phone.data.records import (
-    SPLITS,
-    DataFileError,
-    Record,
-    bad_row,
-    make_record,
-    media_base,
-    media_path,
-)
+from autoglm_phone.data.records import SPLITS, DataFileError, Record
 
 TEXT_KEYS = ("text", "caption")
 MEDIA_KEYS = ("image", "audio")
@@ -118,7 +111,7 @@ def read_manifest(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
-    images, audios = media_base(path, image_dir), media_base(path, audio_dir)
+    images, audios = rec.media_base(path, image_dir), rec.media_base(path, audio_dir)
     rows = _rows(path)
     if split is not None and not any(isinstance(r, dict) and "split" in r for _, r in rows):
         raise DataFileError(
@@ -131,18 +124,18 @@ def read_manifest(
         if isinstance(row, str) or (split is not None and row.get("split") not in SPLITS):
             if split in (None, "train"):
                 why = row if isinstance(row, str) else f"split is {row.get('split')!r}"
-                records.append(bad_row(path.name, where, why))
+                records.append(rec.bad_row(path.name, where, why))
             continue
         if split is not None and row["split"] != split:
             continue
         try:
-            image = media_path(row.get("image"), images, allow_outside)
-            audio = media_path(row.get("audio"), audios, allow_outside)
+            image = rec.media_path(row.get("image"), images, allow_outside)
+            audio = rec.media_path(row.get("audio"), audios, allow_outside)
         except SampleError as e:
-            records.append(bad_row(path.name, where, e))
+            records.append(rec.bad_row(path.name, where, e))
             continue
         text = next((row[k] for k in TEXT_KEYS if row.get(k) not in (None, "")), None)
         item = row.get("id")
         item = f"{path.name}#{item}" if item not in (None, "") else None
-        records.append(make_record(path.name, where, text, image, audio, item))
+        records.append(rec.make_record(path.name, where, text, image, audio, item))
     return records
