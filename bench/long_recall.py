@@ -237,6 +237,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on 2 cores)")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench")
     p.add_argument("--name", default=None, help="file stem of the JSON/PNG written to --out")
+    p.add_argument("--save", action="store_true", help="also write each model's weights (.pt)")
     args = p.parse_args(argv)
     args.seq_len = args.seq_len or (512 if args.quick else 1024)
     args.steps = args.steps or 800
@@ -253,8 +254,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     )
     models = build_models(task, args)
     results = {}
+    stem = args.name or ("long_recall_quick" if args.quick else "long_recall")
+    args.out.mkdir(parents=True, exist_ok=True)
     for name in args.models.split(","):
         results[name] = train(name, models[name], task, args)
+        if args.save:  # to re-evaluate later, e.g. at other lengths
+            torch.save(models[name].state_dict(), args.out / f"{stem}_{name}.pt")
     # length generalisation: the trained models on longer sequences than they were trained on
     for length in args.eval_lens:
         gen = torch.Generator().manual_seed(args.seed + 3)
@@ -284,14 +289,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         for name, res in results.items():
             accs = (f"{res['eval_lengths'][n]['accuracy']:.3f}" for n in lens)
             print(f"| {name} | " + " | ".join(accs) + " |")
-    args.out.mkdir(parents=True, exist_ok=True)
     report = {
         "task": asdict(task),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "chance": chance,
         "results": results,
     }
-    stem = args.name or ("long_recall_quick" if args.quick else "long_recall")
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     title = f"recall after {task.seq_len} tokens ({task.seq_len // task.segment_len} segments)"
     plot(results, chance, args.out / f"{stem}.png", title)
