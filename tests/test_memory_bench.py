@@ -76,3 +76,17 @@ def test_generation_with_memory_keeps_one_segment_not_the_prompt(report):
     segment = (64 * per_position + layers * 8 * hidden * 4) / bench.MIB
     assert state[("memory", 128)] == state[("memory", 192)] == pytest.approx(segment), state
     assert state[("full", 128)] >= 128 * per_position / bench.MIB > state[("memory", 128)], state
+
+
+def test_generation_with_memory_never_joins_the_prompts_hidden_states(monkeypatch):
+    """Prefill keeps only each segment's cache and the last token: the ``(B, T, C)`` hidden
+    states of the whole prompt (``unpack`` of all segments) are never built."""
+    args = bench.parse_args(SMALL)
+    model = bench.build("memory", args, 256)
+    batch = bench.make_batch(model, 256, args)
+
+    def refuse(*_):
+        raise AssertionError("generation joined the whole prompt's hidden states")
+
+    monkeypatch.setattr(bench.memory, "unpack", refuse)
+    assert bench.run_generate(model, batch, args)["new_tokens"] == 4
