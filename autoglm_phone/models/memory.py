@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from autoglm_phone.config import DecoderConfig
-from autoglm_phone.models.glm import (
+from autoglm_phone.models.layers import (
     AttentionMode,
     Block,
     apply_rotary,
