@@ -31,7 +31,8 @@ class SplitNames:
 
 @dataclass
 class DataConfig:
-    name: str = "synthetic"  # synthetic | manifest | coco | audiocaps | webdataset (docs/DATA.md)
+    # synthetic | episodes | manifest | coco | audiocaps | webdataset (docs/DATA.md)
+    name: str = "synthetic"
     # synthetic generator (autoglm_phone.data.synthetic.SyntheticSpec)
     seed: int = 0  # also seeds the shard order of webdataset
     image_size: int = 64  # render size; batches are resized to model.vision.img_size if different
@@ -46,6 +47,10 @@ class DataConfig:
     num_av_val: int = 200
     num_av_test: int = 200
     use_av: bool = True  # AV scenes add (image, image caption) and (audio, audio caption) pairs
+    # episodes (autoglm_phone.data.episodes.EpisodeSpec): media items per episode, and how many
+    # items back (at least) the question's item is
+    num_items: int = 16
+    min_back: int = 4
     # real sources (autoglm_phone.data.sources); images decode straight to model.vision.img_size
     path: str | None = None  # manifest / COCO JSON / CSV / shard glob; {split} = a file per split
     # relative media paths start here (relative to the path's folder); {split} as in path
