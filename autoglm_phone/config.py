@@ -162,11 +162,17 @@ class MoEConfig:
 
 @dataclass
 class MemoryConfig:
-    """Segment-recurrent memory-augmented attention for long context; ``enabled=False`` is off."""
+    """Segment-recurrent memory-augmented attention for long context (``models/memory.py``).
+
+    ``enabled=False``: the plain GLM-4 decoder (full attention up to ``max_seq_len``).
+    ``enabled=True``: any length, segment by segment, each layer carrying ``num_slots`` vectors;
+    ``carry=False`` keeps the memory weights but never reads or writes them (each segment on its
+    own: the no-memory ablation of the same model)."""
 
     enabled: bool = False
     segment_len: int = 512
     num_slots: int = 32  # memory slots carried from segment to segment
+    carry: bool = True  # False: segments independent (ablation)
     bptt_segments: int = 2  # gradients flow back through this many segments
     # recompute each segment in backward: memory bounded by one segment's activations
     checkpoint_segments: bool = False
@@ -174,16 +180,25 @@ class MemoryConfig:
     gate_bias: Optional[float] = None  # keep-gate logit of the memory write
     read_bias: Optional[float] = None  # logit added to memory keys when a segment reads them
     write_bias: Optional[float] = None  # logit added to a slot's own chunk when it writes
+    # chrono init of the keep-gate (Tallec & Ollivier 2018): bias log U(1, N - 1), keep-times up
+    # to N segments; 0 uses gate_bias
+    chrono_segments: int = 0
 
     PREFIX = "text.memory."
     LIMITS = {
         "segment_len": Interval(1, MAX_TOKENS),
         "num_slots": Interval(1, MAX_WIDTH),
         "bptt_segments": Interval(1, MAX_TOKENS),
+        "chrono_segments": Interval(0, MAX_TOKENS),
     }
 
     def __post_init__(self) -> None:
         validate(self)
+        if self.chrono_segments in (1, 2):
+            raise ValueError(
+                f"text.memory.chrono_segments={self.chrono_segments}: 0 (off) or >= 3 "
+                "(keep-times drawn from U(1, N - 1))"
+            )
 
 
 @dataclass
@@ -402,8 +417,11 @@ AUDIO_ENCODERS: dict[str, Callable[[], AudioConfig]] = {
     "audio-base": lambda: AudioConfig(embed_dim=512, depth=6, num_heads=8),  # Whisper-base, 19M
 }
 TEXT_DECODERS: dict[str, Callable[[], DecoderConfig]] = {
-    # 256 wide, 4 layers, top-2-of-4 MoE FFNs in layers 1 and 3; vocabulary from the tokenizer
-    "glm-tiny": lambda: DecoderConfig(moe=MoEConfig(num_experts=4, top_k=2, layers=[1, 3])),
+    # 256 wide, 4 layers, top-2-of-4 MoE FFNs in layers 1 and 3, memory over segments of 512
+    # tokens (32 slots per layer); vocabulary from the tokenizer
+    "glm-tiny": lambda: DecoderConfig(
+        moe=MoEConfig(num_experts=4, top_k=2, layers=[1, 3]), memory=MemoryConfig(enabled=True)
+    ),
     # GLM-4-9B-0414's shape (untied embeddings, 9.4B parameters), at an 8192-token context
     "glm-4-9b": lambda: DecoderConfig(
         vocab_size=151552,
@@ -497,12 +515,6 @@ class MultiModalConfig:
             raise ValueError(f"text_encoder_layers must be >= 0, got {self.text_encoder_layers}")
         if self.quantize not in QUANTIZE:
             raise ValueError(f"quantize must be one of {QUANTIZE}, got {self.quantize!r}")
-        if self.text.memory.enabled:
-            # refused rather than ignored: AutoGLMModel builds a plain GLMDecoder
-            raise ValueError(
-                "text.memory.enabled=True: memory attention is not yet part of AutoGLMModel "
-                "(models/memory.py's MemoryGLMDecoder uses it on its own); set it to false"
-            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

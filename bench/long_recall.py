@@ -6,9 +6,9 @@ whose next token must be the pair's value. Loss and accuracy count only those va
 chance is 1/16 (16 values). Three models of the same size train on the same batches for the same
 steps, with the same curriculum over the number of segments (as RMT's, ``--curriculum``):
 
-- ``memory``: ``MemoryGLMDecoder`` (segments of ``--segment-len`` with carried memory slots);
-- ``no_memory``: the same model with ``memory.enabled=False`` (independent segments);
-- ``full``: ``GLMDecoder`` with full causal attention over the whole sequence.
+- ``memory``: ``GLMDecoder`` with memory (segments of ``--segment-len``, carried memory slots);
+- ``no_memory``: the same model with ``memory.carry=False`` (independent segments);
+- ``full``: ``GLMDecoder`` without memory: full causal attention over the whole sequence.
 
 Default: 1024 tokens in 16 segments of 64, 800 steps of batch 8; ``--quick``: 512 tokens, same
 steps. Longer sequences (``--seq-len 8192``) or segments (``--segment-len 256``) need more steps
@@ -35,7 +35,6 @@ from torch import nn
 
 from autoglm_phone.config import DecoderConfig, MemoryConfig
 from autoglm_phone.models.glm import GLMDecoder
-from autoglm_phone.models.memory import MemoryGLMDecoder
 
 ROOT = Path(__file__).resolve().parents[1]
 IGNORE = -100
@@ -90,6 +89,7 @@ def build_models(task: RecallTask, args: argparse.Namespace) -> dict[str, nn.Mod
         read_bias=args.read_bias,
         write_bias=args.write_bias,
         gate_bias=args.gate_bias,
+        chrono_segments=args.chrono,
     )
     cfg = DecoderConfig(
         vocab_size=task.vocab_size,
@@ -102,12 +102,11 @@ def build_models(task: RecallTask, args: argparse.Namespace) -> dict[str, nn.Mod
     )
     models = {}
     torch.manual_seed(args.seed)
-    models["memory"] = MemoryGLMDecoder(cfg)
-    torch.manual_seed(args.seed)
-    off = DecoderConfig(**{**asdict(cfg), "memory": {**asdict(mem), "enabled": False}})
-    models["no_memory"] = MemoryGLMDecoder(off)
-    models["full"] = GLMDecoder(cfg)
-    models["full"].load_state_dict(models["memory"].state_dict(), strict=False)  # same init
+    models["memory"] = GLMDecoder(cfg)
+    for name, change in (("no_memory", {"carry": False}), ("full", {"enabled": False})):
+        other = DecoderConfig(**{**asdict(cfg), "memory": {**asdict(mem), **change}})
+        models[name] = GLMDecoder(other)
+        models[name].load_state_dict(models["memory"].state_dict(), strict=False)  # same init
     return models
 
 
@@ -213,6 +212,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--read-bias", type=float, default=None, help="memory logit bias at init")
     p.add_argument("--write-bias", type=float, default=None, help="own-chunk write bias at init")
     p.add_argument("--gate-bias", type=float, default=None, help="write keep-gate bias at init")
+    p.add_argument(
+        "--chrono", type=int, default=0, help="chrono init of the keep-gate over N segments"
+    )
     p.add_argument("--bptt", type=int, default=0, help="bptt_segments; 0: all the segments")
     p.add_argument("--pairs", type=int, default=1)
     p.add_argument("--filler", type=int, default=32, help="distinct filler tokens")
@@ -238,6 +240,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench")
     p.add_argument("--name", default=None, help="file stem of the JSON/PNG written to --out")
     p.add_argument("--save", action="store_true", help="also write each model's weights (.pt)")
+    p.add_argument(
+        "--load", default=None, help="evaluate saved weights (--save's {name}_{model}.pt stem)"
+    )
     args = p.parse_args(argv)
     args.seq_len = args.seq_len or (512 if args.quick else 1024)
     args.steps = args.steps or 800
@@ -257,6 +262,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     stem = args.name or ("long_recall_quick" if args.quick else "long_recall")
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.models.split(","):
+        if args.load:  # no training: the weights a --save run wrote
+            path = args.out / f"{args.load}_{name}.pt"
+            models[name].load_state_dict(torch.load(path, weights_only=True))
+            results[name] = {"loaded": str(path)}
+            continue
         results[name] = train(name, models[name], task, args)
         if args.save:  # to re-evaluate later, e.g. at other lengths
             torch.save(models[name].state_dict(), args.out / f"{stem}_{name}.pt")
@@ -273,10 +283,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         f"\n{task.seq_len} tokens, segments of {task.segment_len}, {task.pairs} pairs, "
         f"{args.steps} steps of batch {args.batch} (chance {chance:.3f})\n"
     )
+    trained = {name: res for name, res in results.items() if "loaded" not in res}
     print(
         "| model | final acc | best acc | final loss | wall s | CPU s |\n|---|---|---|---|---|---|"
     )
-    for name, res in results.items():
+    for name, res in trained.items():
         print(
             f"| {name} | {res['final_accuracy']:.3f} | {res['best_accuracy']:.3f} | "
             f"{res['final_loss']:.3f} | {res['train_seconds']:.0f} | "
@@ -284,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         )
     if args.eval_lens:
         lens = [str(n) for n in args.eval_lens]
-        print(f"\nrecall when evaluated at longer sequences (trained at {task.seq_len})\n")
+        print(f"\nrecall at other lengths (trained at {task.seq_len} unless --load)\n")
         print("| model | " + " | ".join(lens) + " |\n|---|" + "---|" * len(lens))
         for name, res in results.items():
             accs = (f"{res['eval_lengths'][n]['accuracy']:.3f}" for n in lens)
@@ -297,7 +308,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     }
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     title = f"recall after {task.seq_len} tokens ({task.seq_len // task.segment_len} segments)"
-    plot(results, chance, args.out / f"{stem}.png", title)
+    if trained:
+        plot(trained, chance, args.out / f"{stem}.png", title)
     print(f"wrote {args.out / stem}.json and .png")
     return report
 

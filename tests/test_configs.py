@@ -103,13 +103,13 @@ def test_hydra_help_and_cfg_job():
     assert cfg.task_name == "itc_pretrain" and cfg.model.vision.name == "vit_tiny_patch16_224"
 
 
-def test_memory_is_refused_until_autoglm_model_uses_it():
-    """A setting the model would ignore fails when the config is built, naming the setting."""
-    cfg = compose_train(["model.text.memory.enabled=true"])
-    with pytest.raises(ValueError, match="text.memory.enabled.*not yet part of AutoGLMModel"):
-        OmegaConf.to_object(cfg.model)
-    with pytest.raises(ValueError, match="text.memory.enabled"):
-        MultiModalConfig.from_dict({"text": {"memory": {"enabled": True}}})
+def test_memory_option_builds_the_memory_decoder():
+    """``model.text.memory.enabled=true`` reaches the model: its decoder layers carry memory."""
+    cfg = compose_train(["model.text.memory.enabled=true", "model.text.memory.segment_len=64"])
+    model_cfg = OmegaConf.to_object(cfg.model)
+    assert model_cfg.text.memory.enabled and model_cfg.text.memory.segment_len == 64
+    with pytest.raises(ValueError, match="text.memory.chrono_segments=1"):
+        MultiModalConfig.from_dict({"text": {"memory": {"enabled": True, "chrono_segments": 1}}})
 
 
 @pytest.mark.parametrize(

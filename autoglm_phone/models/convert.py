@@ -14,6 +14,7 @@ approximately.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from autoglm_phone.config import DecoderConfig, RopeScalingConfig, from_dict
+from autoglm_phone.config import DecoderConfig, MemoryConfig, RopeScalingConfig, from_dict
 from autoglm_phone.models.glm import GLMDecoder
 
 # Glm4Config's defaults (transformers 5.x) for keys a config.json may leave out.
@@ -172,12 +173,20 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_glm4(source: str | Path | nn.Module, *, dtype: torch.dtype = torch.float32) -> GLMDecoder:
+def load_glm4(
+    source: str | Path | nn.Module,
+    *,
+    dtype: torch.dtype = torch.float32,
+    memory: MemoryConfig | None = None,
+) -> GLMDecoder:
     """A :class:`GLMDecoder` with the weights of a GLM-4 checkpoint.
 
     ``source`` is a local transformers checkpoint folder (``config.json`` plus ``model.safetensors``
     or sharded ``model-*.safetensors`` with their index) or a ``Glm4ForCausalLM`` instance. Nothing
     is downloaded. Tied embeddings are re-tied; the result is in eval mode, in ``dtype``.
+    With ``memory`` (enabled) it is a memory decoder: every GLM-4 weight loads, the memory weights
+    (slot inits, keep-gate, read/write biases) get their documented initialisation
+    (``MemoryBlock.reset_memory_parameters``, docs/MEMORY.md).
     """
     if isinstance(source, nn.Module):
         cfg = decoder_config_from_glm4(source.config.to_dict())
@@ -197,8 +206,13 @@ def load_glm4(source: str | Path | nn.Module, *, dtype: torch.dtype = torch.floa
     }
     if cfg.tie_word_embeddings:
         ours["lm_head.weight"] = ours["embed_tokens.weight"]
+    if memory is not None:
+        cfg = replace(cfg, memory=memory)
     decoder = GLMDecoder(cfg)
-    decoder.load_state_dict(ours, strict=True)
+    missing, unexpected = decoder.load_state_dict(ours, strict=False)
+    missing = [k for k in missing if ".memory_" not in k]  # new weights, initialised above
+    if missing or unexpected:
+        raise ValueError(f"not a GLM-4 checkpoint: missing {missing}, unexpected {unexpected}")
     return decoder.to(dtype).eval()
 
 

@@ -22,8 +22,9 @@ dense SwiGLU, or a mixture of experts (``moe.py``) where ``cfg.moe`` asks for on
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,9 @@ from autoglm_phone.models.generation import (
     check_generation_args,
     sample_next_token,
 )
+
+if TYPE_CHECKING:
+    from autoglm_phone.models.memory import MemoryState, SegmentRunner
 
 
 class AttentionMode(str, Enum):
@@ -188,16 +192,22 @@ class Attention(nn.Module):
         cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
         """``x`` is ``(B, T, C)``; ``mask`` is ``(B, 1, T, S)`` with ``S`` = cached + ``T`` keys."""
-        q = rearrange(self.q_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
-        k = rearrange(self.k_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
-        v = rearrange(self.v_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = self.project(x, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, H_kv, S, D): the cached keys, then the new ones
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads
         )  # (B, H, T, D)
         return self.o_proj(rearrange(out, "b h t d -> b t (h d)"))
+
+    def project(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated queries ``(B, H, T, D)``, rotated keys and values ``(B, H_kv, T, D)``."""
+        q = rearrange(self.q_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
+        k = rearrange(self.k_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
+        v = rearrange(self.v_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
 
 class SwiGLU(nn.Module):
@@ -261,6 +271,10 @@ class GLMDecoder(nn.Module):
 
     Used as the text tower (bidirectional, pooled: ``forward_features`` + ``forward_head``), as
     the language model (``forward`` returns logits) and to decode (``generate`` / ``stream``).
+    With ``cfg.memory.enabled`` the blocks are ``memory.MemoryBlock`` and a sequence longer than
+    ``memory.segment_len`` (or one continuing a ``memory`` state) runs segment by segment with a
+    recurrent memory (``memory.py``): the same arguments, any length; shorter ones run exactly as
+    without memory.
     """
 
     def __init__(self, cfg: DecoderConfig) -> None:
@@ -269,14 +283,30 @@ class GLMDecoder(nn.Module):
             raise ValueError("text.vocab_size must be set (normally taken from the tokenizer)")
         self.cfg = cfg
         self.embed_dim = cfg.hidden_size
+        block = Block
+        if cfg.memory.enabled:
+            from autoglm_phone.models.memory import MemoryBlock  # lazy: memory.py imports this
+
+            block = MemoryBlock
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.apply(self._init_weights)
+        self.reset_memory_parameters()
+        # recompute each memory segment in backward: a grad-enabled forward then keeps only the
+        # segment inputs and outputs, not every segment's activations (gradients are unchanged)
+        self.checkpoint_segments = cfg.memory.checkpoint_segments
+
+    def reset_memory_parameters(self) -> None:
+        """Initialise the memory weights as documented (docs/MEMORY.md); nothing without memory.
+        A GLM-4 checkpoint loaded into a memory decoder keeps these."""
+        for layer in self.layers:
+            if hasattr(layer, "reset_memory_parameters"):
+                layer.reset_memory_parameters()
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -304,15 +334,27 @@ class GLMDecoder(nn.Module):
         prefix_lengths: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        memory: MemoryState | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states ``(B, T, C)``; ``attention_mask`` ``(B, T)`` is True on tokens.
 
         With a ``cache`` the ``T`` new tokens also attend to the cached ones, ``attention_mask``
         covers both (``(B, cache.length + T)``, as in transformers) and the cache grows in place.
-        Position ids default to :func:`positions_from_padding` over that whole mask.
+        Position ids default to :func:`positions_from_padding` over that whole mask. With memory
+        on, longer inputs (or a ``memory`` to continue) go segment by segment
+        (:meth:`forward_with_memory`).
         """
         x = self._embed(input_ids, inputs_embeds)
         b, t = x.shape[:2]
+        if self.cfg.memory.enabled and (t > self.cfg.memory.segment_len or memory is not None):
+            if cache is not None or position_ids is not None:
+                raise ValueError(
+                    "with text.memory on, inputs longer than memory.segment_len take no cache or "
+                    "position_ids: positions restart in every segment (use generate to decode)"
+                )
+            return self._segments().forward(
+                x, self._padding(attention_mask, x), mode, prefix_lengths, memory
+            )[0]
         past = 0 if cache is None else cache.length
         if past + t > self.cfg.max_seq_len:
             raise ValueError(
@@ -334,6 +376,49 @@ class GLMDecoder(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, None if cache is None else cache[i], token_mask)
         return self.norm(x)
+
+    def _segments(self) -> SegmentRunner:
+        from autoglm_phone.models.memory import SegmentRunner  # lazy: memory.py imports this
+
+        if not self.cfg.memory.enabled:
+            raise ValueError("this needs text.memory.enabled=true")
+        return SegmentRunner(self)
+
+    @staticmethod
+    def _padding(attention_mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        if attention_mask is None:
+            return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        if attention_mask.shape != x.shape[:2]:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
+                f"{tuple(x.shape[:2])}"
+            )
+        return attention_mask.bool()
+
+    def init_memory(
+        self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> MemoryState:
+        """The empty memory a sequence starts from (the learned slot inits, not yet readable)."""
+        return self._segments().init_memory(batch_size, device, dtype)
+
+    def forward_with_memory(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        mode: AttentionMode | str = AttentionMode.CAUSAL,
+        prefix_lengths: torch.Tensor | None = None,
+        memory: MemoryState | None = None,
+    ) -> tuple[torch.Tensor, MemoryState]:
+        """Logits ``(B, T, V)`` of any length, segment by segment, and the memory after the last
+        segment, to continue a stream (pass it back as ``memory``; a partial last segment is
+        written too). A written memory is detached before every ``bptt_segments``-th segment."""
+        x = self._embed(input_ids, inputs_embeds)
+        hidden, memory = self._segments().forward(
+            x, self._padding(attention_mask, x), mode, prefix_lengths, memory
+        )
+        return self.lm_head(hidden), memory
 
     def forward_head(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, pool: str = "mean"
@@ -425,39 +510,70 @@ class GLMDecoder(nn.Module):
             raise ValueError("generation needs mode 'prefix' or 'causal', not 'bidirectional'")
         x = self._embed(input_ids, inputs_embeds)  # (B, T, C)
         b, t = x.shape[:2]
-        if t + max_new_tokens > self.cfg.max_seq_len:
+        if t + max_new_tokens > self.cfg.max_seq_len and not self.cfg.memory.enabled:
             raise ValueError(
                 f"prompt ({t}) + max_new_tokens ({max_new_tokens}) exceeds "
                 f"text.max_seq_len={self.cfg.max_seq_len}"
             )
-        if attention_mask is None:
-            attention_mask = torch.ones(b, t, dtype=torch.bool, device=x.device)
-        padding = attention_mask.bool()  # (B, T), grows by one column per step
+        padding = self._padding(attention_mask, x)  # (B, T)
         if (padding.long().cummax(-1).values != padding.long()).any():
             raise ValueError("generation needs left-padded prompts (no padding after a real token)")
         prefix_lengths = padding.sum(-1) if mode is AttentionMode.PREFIX else None  # whole prompt
-        cache = KVCache.from_config(
-            self.cfg, b, t + max_new_tokens, capacity=t + KV_BLOCK, dtype=x.dtype, device=x.device
-        )  # grows as tokens come, up to t + max_new_tokens
+        hidden, step = self._prefill(x, padding, mode, prefix_lengths, max_new_tokens)  # (B, C)
         stop = torch.tensor(list(stop_token_ids), dtype=torch.long, device=x.device)
         done = torch.zeros(b, dtype=torch.bool, device=x.device)
         for _ in range(max_new_tokens):
-            hidden = self.forward_features(
-                inputs_embeds=x,
-                attention_mask=padding,
-                mode=mode,
-                prefix_lengths=prefix_lengths,
-                cache=cache,
-            )  # (B, T_new, C)
-            logits = self.lm_head(hidden[:, -1])  # (B, V)
-            token = sample_next_token(logits, **sampling, generator=generator)  # (B,)
+            token = sample_next_token(self.lm_head(hidden), **sampling, generator=generator)  # (B,)
             token = token.masked_fill(done, self.cfg.pad_token_id)
             done = done | torch.isin(token, stop)
             yield token
             if done.all():
                 return
-            x = self.embed_tokens(token[:, None])  # (B, 1, C)
-            padding = torch.cat([padding, padding.new_ones(b, 1)], dim=1)
+            hidden = step(self.embed_tokens(token[:, None]))  # (B, 1, C) -> (B, C)
+
+    def _prefill(
+        self,
+        x: torch.Tensor,
+        padding: torch.Tensor,
+        mode: AttentionMode,
+        prefix_lengths: torch.Tensor | None,
+        max_new_tokens: int,
+    ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """Encode the prompt: the last token's hidden state ``(B, C)`` and the step function that
+        takes the next token's embedding ``(B, 1, C)`` to its hidden state. Without memory a KV
+        cache of the prompt and what follows; with memory the prompt goes segment by segment and
+        the cache holds one segment (``memory.SegmentRunner``)."""
+        if self.cfg.memory.enabled:
+            runner = self._segments()
+            hidden, memory, cache = runner.prefill(x, padding, mode, prefix_lengths)
+
+            def step_memory(new: torch.Tensor) -> torch.Tensor:
+                nonlocal memory
+                out, memory = runner.decode_step(new, memory, cache)
+                return out
+
+            return hidden, step_memory
+        b, t = x.shape[:2]
+        kv = KVCache.from_config(
+            self.cfg, b, t + max_new_tokens, capacity=t + KV_BLOCK, dtype=x.dtype, device=x.device
+        )  # grows as tokens come, up to t + max_new_tokens
+        state = {"padding": padding}  # grows by one column per step
+
+        def features(new: torch.Tensor) -> torch.Tensor:
+            return self.forward_features(
+                inputs_embeds=new,
+                attention_mask=state["padding"],
+                mode=mode,
+                prefix_lengths=prefix_lengths,
+                cache=kv,
+            )[:, -1]  # (B, C)
+
+        def step_cached(new: torch.Tensor) -> torch.Tensor:
+            ones = state["padding"].new_ones(b, 1)
+            state["padding"] = torch.cat([state["padding"], ones], dim=1)
+            return features(new)
+
+        return features(x), step_cached
 
     def generate(
         self,

@@ -39,8 +39,17 @@ def weight_bytes(model: nn.Module, int4_group_size: int = 128) -> dict[int, dict
 
 
 def kv_cache_bytes(cfg: DecoderConfig, context_len: int, bytes_per_value: int = 2) -> int:
-    """Keys and values of every layer for one sequence: ``2 * L * H_kv * D * T`` values."""
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * context_len * bytes_per_value
+    """Keys and values of every layer for one sequence: ``2 * L * H_kv * D * T`` values, where
+    ``T`` is the context, or at most one segment with memory on (``memory.SegmentKVCache``)."""
+    t = min(context_len, cfg.memory.segment_len) if cfg.memory.enabled else context_len
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * t * bytes_per_value
+
+
+def memory_state_bytes(cfg: DecoderConfig, bytes_per_value: int = 2) -> int:
+    """The recurrent memory of one sequence, ``L * S * C`` values (0 without memory); with the
+    KV cache of one segment, all decoding keeps whatever the context length."""
+    m = cfg.memory
+    return cfg.num_layers * m.num_slots * cfg.hidden_size * bytes_per_value if m.enabled else 0
 
 
 @dataclass
@@ -60,6 +69,7 @@ class ModelSummary:
     context_len: int
     kv_cache_bytes: int  # FP16, batch 1
     int4_group_size: int
+    memory_state_bytes: int = 0  # FP16, batch 1; 0 without memory
 
     @property
     def params(self) -> int:
@@ -73,8 +83,8 @@ class ModelSummary:
         return sum(r.bytes[precision or self.precision] for r in self.rows)
 
     def total_bytes(self, precision: str | None = None) -> float:
-        """Weights at ``precision`` (default: the summary's) plus the FP16 KV cache."""
-        return self.weight_bytes(precision) + self.kv_cache_bytes
+        """Weights at ``precision`` (default: the summary's) plus the FP16 KV cache and memory."""
+        return self.weight_bytes(precision) + self.kv_cache_bytes + self.memory_state_bytes
 
     def __str__(self) -> str:
         head = ["module", "params", "trainable"] + [
@@ -97,6 +107,9 @@ class ModelSummary:
             )
 
         rule = "-" * len(line(head))
+        kv = f"KV cache, FP16, {self.context_len} tokens, batch 1: {_bytes(self.kv_cache_bytes)}"
+        if self.memory_state_bytes:
+            kv += f" (one segment) + memory state {_bytes(self.memory_state_bytes)}"
         return "\n".join(
             [
                 line(head),
@@ -107,8 +120,7 @@ class ModelSummary:
                 "",
                 f"INT4: 4-bit Linear weights + FP16 scale and zero point per {self.int4_group_size}; "
                 "embeddings, norms, biases at FP16.",
-                f"KV cache, FP16, {self.context_len} tokens, batch 1: "
-                f"{_bytes(self.kv_cache_bytes)}",
+                kv,
                 f"{self.precision.upper()}* weights + KV cache: {_bytes(self.total_bytes())}",
             ]
         )
@@ -147,6 +159,7 @@ def model_summary(
         context_len=context_len,
         kv_cache_bytes=kv_cache_bytes(cfg.text, context_len),
         int4_group_size=int4_group_size,
+        memory_state_bytes=memory_state_bytes(cfg.text),
     )
 
 
