@@ -60,6 +60,15 @@ def test_the_answer_is_the_asked_items_attribute_and_far_back():
         EpisodeSpec(num_items=4, min_back=4)
 
 
+def test_ask_within_and_shorter_training_episodes():
+    spec = EpisodeSpec(num_items=12, min_back=4, ask_within=3, train_min_items=6)
+    train = [plan_episode(spec, "train", i) for i in range(60)]
+    lengths = {len(ep["items"]) for ep in train}
+    assert min(lengths) == 6 and max(lengths) == 12
+    assert all(ep["asked"] < 3 and ep["items_back"] >= 4 for ep in train)
+    assert all(len(plan_episode(spec, "val", i)["items"]) == 12 for i in range(20))
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, cache_dir):
     out = tmp_path_factory.mktemp("episodes")
@@ -69,7 +78,7 @@ def built(tmp_path_factory, cache_dir):
          f"paths.output_dir={out}", f"paths.cache_dir={cache_dir}", *SMALL],
     )  # fmt: skip
     b = build(cfg)
-    batch = next(iter(b.datamodule._loader("episode", "train", shuffle=False)))
+    batch = next(iter(b.datamodule._loader("episode", "val", shuffle=False)))  # full length
     return b.module.model.eval(), batch, b.datamodule.tokenizer, cfg
 
 

@@ -47,10 +47,13 @@ class DataConfig:
     num_av_val: int = 200
     num_av_test: int = 200
     use_av: bool = True  # AV scenes add (image, image caption) and (audio, audio caption) pairs
-    # episodes (autoglm_phone.data.episodes.EpisodeSpec): media items per episode, and how many
-    # items back (at least) the question's item is
+    # episodes (autoglm_phone.data.episodes.EpisodeSpec): media items per episode; the question's
+    # item is at least min_back items back and (ask_within > 0) among the first ask_within;
+    # train_min_items > 0: training episodes have train_min_items..num_items items
     num_items: int = 16
     min_back: int = 4
+    ask_within: int = 0
+    train_min_items: int = 0
     # real sources (autoglm_phone.data.sources); images decode straight to model.vision.img_size
     path: str | None = None  # manifest / COCO JSON / CSV / shard glob; {split} = a file per split
     # relative media paths start here (relative to the path's folder); {split} as in path

@@ -4,21 +4,23 @@ An episode is ``num_items`` media items, images and sounds mixed at random, each
 caption, then ONE question about one attribute of one earlier item, whose answer is a single
 word::
 
-    <image block> the first image: two large red circles on the left.
-    <audio block> the first sound: three loud high bell beeps, rising.
-    <image block> the second image: one small blue star at the top.
+    <image block> the first item: two large red circles on the left.
+    <audio block> the second item: three loud high bell beeps, rising.
     ... (num_items items) ...
-    <|user|>\\nWhat colour was the second image?<|assistant|>\\nblue<|endoftext|>
+    <|user|>\\nWhat colour was the first item?<|assistant|>\\nred<|endoftext|>
 
-Items are named by their ordinal among items of their modality ("the second image"), so the
-question is a look-up of a named item, not a count over the sequence. The asked item is at least
-``min_back`` items before the question (``items_back`` >= ``min_back``), so that, with the
-experiment's sizes, its caption lies outside the question's own memory segment: the answer can
-only come through the memory (or full attention). Media and captions come from
-:mod:`autoglm_phone.data.synthetic`'s renderers and grammar (nothing is downloaded); each episode
-is drawn from its own RNG seeded by ``(seed, split, index)``, so it is the same whatever the
-order or the split sizes. Token distances depend on the tokenizer and are measured where the
-episode is laid out (:mod:`autoglm_phone.objectives.episode`). docs/LONG_CONTEXT.md.
+Items are named by their ordinal, one word per item, so the question is a look-up of a named
+item, not a count over the sequence. The asked item is at least ``min_back`` items before the
+question (``items_back >= min_back``) and, with ``ask_within``, among the first ``ask_within``
+items: what must be remembered is then bounded while the distance is long (the long-range
+recall set-up of the Recurrent Memory Transformer, Bulatov et al. 2022). With
+``train_min_items`` the training episodes have between ``train_min_items`` and ``num_items``
+items (short ones are easy examples of the same look-up); validation and test ones always have
+``num_items``. Media and captions come from :mod:`autoglm_phone.data.synthetic`'s renderers and
+grammar (nothing is downloaded); each episode is drawn from its own RNG seeded by ``(seed, split,
+index)``, so it is the same whatever the order or the split sizes. Token distances depend on the
+tokenizer and are measured where the episode is laid out (:mod:`autoglm_phone.objectives.
+episode`). docs/LONG_CONTEXT.md.
 """
 
 from __future__ import annotations
@@ -48,11 +50,10 @@ EPISODE_STREAM = 7  # keeps episode seeds apart from synthetic.sample_rng's (see
 ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth",
             "tenth", "eleventh", "twelfth", "thirteenth", "fourteenth", "fifteenth", "sixteenth",
             "seventeenth", "eighteenth", "nineteenth", "twentieth")  # fmt: skip
-NOUNS = {"image": "image", "audio": "sound"}
 CAPTIONS = {"image": image_caption, "audio": audio_caption}
 VOCABS = {"image": IMAGE_ATTRIBUTES, "audio": AUDIO_ATTRIBUTES}
 
-# modality -> attribute -> question template ({item} = "second image"); answers are one word
+# modality -> attribute -> question template ({item} = "second item"); answers are one word
 QUESTIONS: dict[str, dict[str, str]] = {
     "image": {
         "count": "How many shapes were in the {item}?",
@@ -78,6 +79,8 @@ class EpisodeSpec:
     seed: int = 0
     num_items: int = 16
     min_back: int = 4  # the asked item is at least this many items before the question
+    ask_within: int = 0  # > 0: the asked item is among the first ask_within items
+    train_min_items: int = 0  # > 0: training episodes have train_min_items..num_items items
     image_size: int = 64
     sample_rate: int = 16000
     audio_seconds: float = 0.5
@@ -86,11 +89,15 @@ class EpisodeSpec:
     num_test: int = 200
 
     def __post_init__(self) -> None:
-        if not 1 <= self.min_back < self.num_items <= len(ORDINALS):
+        shortest = self.train_min_items or self.num_items
+        if not 1 <= self.min_back < shortest <= self.num_items <= len(ORDINALS):
             raise ValueError(
-                f"episodes need 1 <= min_back ({self.min_back}) < num_items ({self.num_items}) "
+                f"episodes need 1 <= min_back ({self.min_back}) < train_min_items "
+                f"({self.train_min_items}, 0: num_items) <= num_items ({self.num_items}) "
                 f"<= {len(ORDINALS)}"
             )
+        if self.ask_within < 0:
+            raise ValueError(f"EpisodeSpec.ask_within must be >= 0, got {self.ask_within}")
         for name in ("num_train", "num_val", "num_test"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EpisodeSpec.{name} must be >= 1, got {getattr(self, name)}")
@@ -115,18 +122,21 @@ def answer_word(attribute: str, value: Any) -> str:
 def plan_episode(spec: EpisodeSpec, split: str, index: int) -> dict[str, Any]:
     """The episode's text and facts, without media: ``items`` (``modality``, ``attributes``,
     ``text``), ``question``, ``answer``, ``asked`` (the item's position), ``attribute``,
-    ``items_back`` (``num_items - asked``: 1 is the last item) and ``num_choices`` (how many
+    ``items_back`` (items from the asked one to the question: 1 is the last item) and ``num_choices`` (how many
     answers the attribute has: chance is ``1 / num_choices``)."""
     plan, _ = _rngs(spec, split, index)
-    items, seen = [], {"image": 0, "audio": 0}
-    for _ in range(spec.num_items):
+    n = spec.num_items
+    if split == "train" and spec.train_min_items:
+        n = int(plan.integers(spec.train_min_items, spec.num_items + 1))
+    items = []
+    for k in range(n):
         modality = ("image", "audio")[int(plan.integers(2))]
         attributes = draw_attributes(plan, VOCABS[modality])
-        name = f"{ORDINALS[seen[modality]]} {NOUNS[modality]}"
-        seen[modality] += 1
+        name = f"{ORDINALS[k]} item"
         text = f" the {name}: {CAPTIONS[modality](attributes)}."
         items.append({"modality": modality, "attributes": attributes, "name": name, "text": text})
-    asked = int(plan.integers(spec.num_items - spec.min_back + 1))
+    last = n - spec.min_back + 1  # items from here on are too close to the question
+    asked = int(plan.integers(min(last, spec.ask_within) if spec.ask_within else last))
     item = items[asked]
     attribute = sorted(QUESTIONS[item["modality"]])[
         int(plan.integers(len(QUESTIONS[item["modality"]])))
@@ -138,7 +148,7 @@ def plan_episode(spec: EpisodeSpec, split: str, index: int) -> dict[str, Any]:
         "answer": answer_word(attribute, item["attributes"][attribute]),
         "asked": asked,
         "attribute": attribute,
-        "items_back": spec.num_items - asked,
+        "items_back": n - asked,
         "num_choices": len(VOCABS[item["modality"]][attribute]),
     }
 
@@ -146,8 +156,8 @@ def plan_episode(spec: EpisodeSpec, split: str, index: int) -> dict[str, Any]:
 def parse_item_text(text: str) -> dict[str, str]:
     """The answer word of every attribute an item's text states (inverts :func:`plan_episode`'s
     item text, e.g. to check an answer against the caption it must come from)."""
-    head, _, caption = text.strip().removesuffix(".").partition(": ")
-    modality = next(m for m, noun in NOUNS.items() if head.endswith(noun))
+    caption = text.strip().removesuffix(".").partition(": ")[2]
+    modality = "audio" if " beep" in caption else "image"
     return {k: answer_word(k, v) for k, v in parse_caption(modality, caption).items()}
 
 
