@@ -23,6 +23,7 @@ from autoglm_phone.data.episodes import (
     plan_episode,
 )
 from autoglm_phone.losses.lm import IGNORE_INDEX
+from autoglm_phone.objectives import ObjectiveConfig, build_objectives, compute
 from autoglm_phone.objectives.episode import answer_logits, layout_episodes
 
 SMALL = ["data.num_train=32", "data.num_val=16", "data.num_test=16", "data.batch_size=8"]
@@ -175,3 +176,14 @@ def test_eval_reports_accuracy_by_distance_for_a_long_context_run(tmp_path, cach
     assert sum(r["count"] for r in rows.values()) == 16 and rows["0-1"]["count"] == 0
     assert all(0 < r["chance"] < 100 for r in rows.values() if r["count"])
     assert 0 <= report["accuracy"] <= 100 and out.with_suffix(".png").exists()
+
+
+def test_episode_batches_refuse_the_media_objectives(built):
+    """ITC on an episode batch has no media tensor to read: refused naming the weight to zero."""
+    model, batch, _, _ = built
+    cfg = ObjectiveConfig(itc_weight=1.0, episode_weight=1.0)
+    with pytest.raises(ValueError, match="objective.itc_weight"):
+        compute(model, batch, build_objectives(cfg), cfg)
+    cfg = ObjectiveConfig(itc_weight=0.0, episode_weight=1.0)
+    losses, metrics, _ = compute(model, batch, build_objectives(cfg), cfg)
+    assert losses["episode"] > 0 and 0 <= metrics["episode_acc"] <= 1
