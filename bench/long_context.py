@@ -1,8 +1,10 @@
 """Accuracy by distance of several ``long_context_sft`` runs, side by side (docs/LONG_CONTEXT.md).
 
 Each argument is ``name=metrics.json``, the JSON ``eval.py ckpt_path=...`` writes for a run of
-``experiment=long_context_sft``; the table (markdown) has one row per distance bucket, one
-column per run, and chance beside them; ``--out`` also draws the bars::
+``experiment=long_context_sft``; a name given several times pools its JSONs (e.g. the same model
+evaluated with ``data.num_items=8``, ``12`` and ``16``, to spread the distances). The table
+(markdown) has one row per distance bucket, one column per run, and chance beside them; ``--out``
+also draws the bars::
 
     PYTHONPATH=. python bench/long_context.py memory=outputs/lc_memory/metrics.json \\
         no_memory=outputs/lc_no_memory/metrics.json full=outputs/lc_full/metrics.json \\
@@ -25,6 +27,28 @@ def load(spec: str) -> tuple[str, dict[str, Any]]:
     if "episode" not in result:
         raise SystemExit(f"{path}: no episode report (was it a long_context_sft run?)")
     return name, result["episode"]["episode recall"]
+
+
+def pool(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report from several evaluations of a model: counts add up, accuracy and chance are
+    means over all their episodes."""
+    if len(reports) == 1:
+        return reports[0]
+    out = {k: reports[0][k] for k in ("segment_len",)}
+    n = sum(r["num_episodes"] for r in reports)
+    out["num_episodes"] = n
+    for key in ("accuracy", "chance"):
+        out[key] = sum(r[key] * r["num_episodes"] for r in reports) / n
+    for by in ("by_segments_back", "by_items_back"):
+        buckets = {b for r in reports for b in r[by]}
+        out[by] = {}
+        for b in sorted(buckets, key=lambda b: float(b.split("-")[0].rstrip("+"))):
+            rows = [r[by][b] for r in reports if b in r[by] and r[by][b]["count"]]
+            count = sum(x["count"] for x in rows)
+            mean = {k: sum(x[k] * x["count"] for x in rows) / count if count else float("nan")
+                    for k in ("accuracy", "chance")}  # fmt: skip
+            out[by][b] = {**mean, "count": float(count)}
+    return out
 
 
 def table(runs: dict[str, dict[str, Any]], key: str = "by_segments_back") -> str:
@@ -76,7 +100,11 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", help="name=metrics.json")
     parser.add_argument("--out", type=Path, default=None, help="a .png of the bars")
     args = parser.parse_args()
-    runs = dict(load(s) for s in args.runs)
+    loaded: dict[str, list[dict[str, Any]]] = {}
+    for spec in args.runs:
+        name, report = load(spec)
+        loaded.setdefault(name, []).append(report)
+    runs = {name: pool(reports) for name, reports in loaded.items()}
     print(table(runs))
     print()
     print(table(runs, "by_items_back").replace("segments back", "items back"))

@@ -293,6 +293,7 @@ def rerank_metrics(scores: dict[str, dict[str, Any]], weight: float) -> dict[str
 
 # -- long-context episodes (autoglm_phone/data/episodes.py) ----------------------------------
 SEGMENT_BUCKETS = (0.0, 1.0, 2.0, 4.0, 8.0)  # lower edges, in segments back; the last is open
+ITEM_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0)  # lower edges, in items back (1: the last item)
 
 
 def bucket_label(edges: tuple[float, ...], value: float) -> str:
@@ -360,7 +361,6 @@ def episode_report(
         items_back += batch["items_back"].tolist()
         chances += (1.0 / batch["num_choices"].float()).tolist()
     n = max(1, len(correct))
-    item_edges = tuple(float(e) for e in sorted({1, 2, 4, 8, 16, *[2**k for k in range(5, 8)]}))
     return {
         "episode recall": {
             "accuracy": 100 * sum(correct) / n,
@@ -369,7 +369,7 @@ def episode_report(
             "segment_len": float(segment_len),
             "mean_segments_back": sum(dist) / n,
             "by_segments_back": accuracy_by_distance(dist, correct, chances),
-            "by_items_back": accuracy_by_distance(items_back, correct, chances, item_edges),
+            "by_items_back": accuracy_by_distance(items_back, correct, chances, ITEM_BUCKETS),
             "decoding": "greedy generation, exact match of the answer word",
             "examples": examples,
         }
