@@ -111,11 +111,13 @@ def test_resumable_loader_resumes_mid_pass_and_reshuffles_per_epoch():
 
 def test_killed_run_resumes_mid_epoch_to_the_same_weights(tmp_path, cache_dir):
     """SIGKILL after a mid-epoch last.ckpt in epoch 1, restart with ckpt_path=last: the weights
-    after 3 epochs equal an uninterrupted run's, bit for bit."""
+    after 3 epochs equal an uninterrupted run's, bit for bit (16-token memory segments, so the
+    decoder's memory is written and read across segments)."""
     common = [
         "trainer.max_epochs=3",
         "trainer.deterministic=true",
         "callbacks.every_n_train_steps=3",
+        "model.text.memory.segment_len=16",
     ]
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "cwd": ROOT}

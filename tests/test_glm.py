@@ -99,6 +99,22 @@ def test_load_glm4_matches_transformers(hf_tied, tmp_path, side):
     assert torch.allclose(got[mask], expected[mask], atol=1e-5)  # real tokens only
 
 
+def test_load_glm4_into_the_memory_decoder(hf_tied, tmp_path):
+    """Every GLM-4 weight loads; memory weights get their documented init; inputs of one segment
+    give transformers' logits, longer ones run segment by segment."""
+    hf_tied.save_pretrained(tmp_path)
+    ours = load_glm4(tmp_path, memory=MemoryConfig(enabled=True, segment_len=8, num_slots=2))
+    layer = ours.layers[0]
+    assert torch.equal(layer.memory_gate.bias, torch.ones_like(layer.memory_gate.bias))
+    assert layer.memory_init.abs().max() < 0.2 and layer.memory_init.std() > 0
+    ids, mask = _padded_batch("left")  # 7 tokens: one segment
+    with torch.no_grad():
+        got, expected = ours(ids, attention_mask=mask), _hf_logits(hf_tied, ids, mask)
+        assert torch.allclose(got[mask], expected[mask], atol=1e-5)
+        long = torch.randint(0, ours.cfg.vocab_size, (1, 30))
+        assert ours(long).shape == (1, 30, ours.cfg.vocab_size)
+
+
 def test_load_glm4_from_instance_and_shards(hf_tied, tmp_path):
     hf_tied.save_pretrained(tmp_path, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()

@@ -23,7 +23,7 @@ ADAPTER = "default"  # peft's adapter name; one adapter per model here
 # Full-match regexes over ``AutoGLMModel.named_modules()``: the linear layers of each tower.
 TARGETS: dict[str, str] = {
     # GLM decoder: attention q/k/v/o and the fused SwiGLU (dense layers; MoE experts are tensors)
-    "text": r"text\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate_up|down)_proj)",
+    "text": r"text\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate_up|down)_proj|memory_gate)",
     # timm ViT blocks: fused qkv, attention output, MLP
     "vision": r"vision\.vit\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])",
     # the audio tower's timm blocks (not its conv front end or input projection)

@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from autoglm_phone.config import DecoderConfig
-from autoglm_phone.models.glm import (
+from autoglm_phone.models.layers import (
     AttentionMode,
     Block,
     apply_rotary,
@@ -318,14 +318,17 @@ class SegmentRunner:
         *,
         write_partial: bool = True,
         on_segment: Callable[[int, torch.Tensor, list], None] | None = None,
-    ) -> tuple[torch.Tensor, MemoryState]:
+        keep_hidden: bool = True,
+    ) -> tuple[torch.Tensor | None, MemoryState]:
         """Hidden states ``(B, T, C)`` of any length and the memory after the last segment.
 
         Each row's segments start at its first real token. A segment is written to memory when
         it is full, and also when partial if ``write_partial`` (a stream continues after it;
         generation keeps a partial segment in its cache instead). ``memory.carry=False`` never
         reads nor writes (the no-memory ablation). ``on_segment(start, hidden, kv)`` sees every
-        packed segment (generation's prefill takes its cache from it).
+        packed segment (generation's prefill takes its cache from it); with ``keep_hidden=False``
+        nothing else keeps the hidden states and ``None`` is returned for them (memory then
+        stays one segment's, not ``(B, T, C)``).
         """
         m = self.cfg.memory
         b, t = x.shape[:2]
@@ -333,7 +336,7 @@ class SegmentRunner:
         if memory is None:
             memory = self.init_memory(b, x.device, x.dtype)
         bptt = max(1, m.bptt_segments)
-        hidden = []
+        hidden, num_segments = [], 0
         # auxiliary losses (MoE balance) are set per forward: average them over the segments
         aux = [mod for mod in self.decoder.layers.modules() if hasattr(mod, "aux_loss")]
         aux_sums = [0.0] * len(aux)
@@ -355,11 +358,13 @@ class SegmentRunner:
             memory = MemoryState(slots, memory.filled | write)
             if on_segment is not None:
                 on_segment(start, h, kv)
-            hidden.append(h)
+            if keep_hidden:
+                hidden.append(h)
+            num_segments += 1
             aux_sums = [total + mod.aux_loss for total, mod in zip(aux_sums, aux, strict=True)]
         for total, mod in zip(aux_sums, aux, strict=True):
-            mod.aux_loss = total / len(hidden)
-        return unpack(torch.cat(hidden, dim=1), order), memory
+            mod.aux_loss = total / num_segments
+        return (unpack(torch.cat(hidden, dim=1), order) if keep_hidden else None), memory
 
     def prefill(
         self,
@@ -389,7 +394,14 @@ class SegmentRunner:
             last = torch.where(inside[:, None], picked, last)
 
         _, memory = self.forward(
-            x, attention_mask, mode, prefix_lengths, None, write_partial=False, on_segment=take
+            x,
+            attention_mask,
+            mode,
+            prefix_lengths,
+            None,
+            write_partial=False,
+            on_segment=take,
+            keep_hidden=False,  # only the last token's hidden state is needed
         )
         return last, memory, cache
 
