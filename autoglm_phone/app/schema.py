@@ -54,6 +54,9 @@ class DataConfig:
     min_back: int = 4
     ask_within: int = 0
     train_min_items: int = 0
+    # "full": each item's whole caption; "short": "<ordinal> <value>." with one asked attribute
+    # per modality (image colour, sound count), a key directly followed by its value
+    captions: str = "full"
     # real sources (autoglm_phone.data.sources); images decode straight to model.vision.img_size
     path: str | None = None  # manifest / COCO JSON / CSV / shard glob; {split} = a file per split
     # relative media paths start here (relative to the path's folder); {split} as in path

@@ -71,6 +71,10 @@ QUESTIONS: dict[str, dict[str, str]] = {
 }
 
 
+# captions="short": the one attribute asked per modality, stated right after the item's ordinal
+SHORT_ATTRIBUTES = {"image": "colour", "audio": "count"}
+
+
 @dataclass(frozen=True)
 class EpisodeSpec:
     """Sizes of the episode set; media render as in :class:`~autoglm_phone.data.synthetic.
@@ -81,6 +85,9 @@ class EpisodeSpec:
     min_back: int = 4  # the asked item is at least this many items before the question
     ask_within: int = 0  # > 0: the asked item is among the first ask_within items
     train_min_items: int = 0  # > 0: training episodes have train_min_items..num_items items
+    # "full": " the first item: <caption>."; "short": " first red." (key, then its value, as
+    # in associative recall) and questions only about SHORT_ATTRIBUTES
+    captions: str = "full"
     image_size: int = 64
     sample_rate: int = 16000
     audio_seconds: float = 0.5
@@ -95,6 +102,10 @@ class EpisodeSpec:
                 f"episodes need 1 <= min_back ({self.min_back}) < train_min_items "
                 f"({self.train_min_items}, 0: num_items) <= num_items ({self.num_items}) "
                 f"<= {len(ORDINALS)}"
+            )
+        if self.captions not in ("full", "short"):
+            raise ValueError(
+                f"EpisodeSpec.captions must be 'full' or 'short', got {self.captions!r}"
             )
         if self.ask_within < 0:
             raise ValueError(f"EpisodeSpec.ask_within must be >= 0, got {self.ask_within}")
@@ -134,6 +145,9 @@ def plan_episode(spec: EpisodeSpec, split: str, index: int) -> dict[str, Any]:
         attributes = draw_attributes(plan, VOCABS[modality])
         name = f"{ORDINALS[k]} item"
         text = f" the {name}: {CAPTIONS[modality](attributes)}."
+        if spec.captions == "short":
+            key = SHORT_ATTRIBUTES[modality]
+            text = f" {ORDINALS[k]} {answer_word(key, attributes[key])}."
         items.append({"modality": modality, "attributes": attributes, "name": name, "text": text})
     last = n - spec.min_back + 1  # items from here on are too close to the question
     asked = int(plan.integers(min(last, spec.ask_within) if spec.ask_within else last))
@@ -141,6 +155,8 @@ def plan_episode(spec: EpisodeSpec, split: str, index: int) -> dict[str, Any]:
     attribute = sorted(QUESTIONS[item["modality"]])[
         int(plan.integers(len(QUESTIONS[item["modality"]])))
     ]
+    if spec.captions == "short":
+        attribute = SHORT_ATTRIBUTES[item["modality"]]
     return {
         "index": index,
         "items": items,
@@ -156,6 +172,10 @@ def plan_episode(spec: EpisodeSpec, split: str, index: int) -> dict[str, Any]:
 def parse_item_text(text: str) -> dict[str, str]:
     """The answer word of every attribute an item's text states (inverts :func:`plan_episode`'s
     item text, e.g. to check an answer against the caption it must come from)."""
+    if ": " not in text:  # captions="short": "<ordinal> <value>."
+        value = text.strip().removesuffix(".").split()[-1]
+        key = "count" if value in COUNT_WORDS else "colour"
+        return {key: value}
     caption = text.strip().removesuffix(".").partition(": ")[2]
     modality = "audio" if " beep" in caption else "image"
     return {k: answer_word(k, v) for k, v in parse_caption(modality, caption).items()}

@@ -189,8 +189,8 @@ class EpisodeSource(DataSource):
 
     @classmethod
     def from_config(cls, cfg: Any, cache_dir: str | Path, image_size: int, progress: bool = True):
-        names = ("seed", "num_items", "min_back", "ask_within", "train_min_items", "image_size",
-                 "sample_rate", "audio_seconds")  # fmt: skip
+        names = ("seed", "num_items", "min_back", "ask_within", "train_min_items", "captions",
+                 "image_size", "sample_rate", "audio_seconds")  # fmt: skip
         sizes = ("num_train", "num_val", "num_test")
         return cls(EpisodeSpec(**{k: getattr(cfg, k) for k in names + sizes}))
 
