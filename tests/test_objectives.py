@@ -38,8 +38,9 @@ def test_objective_settings_refuse_unknown_keys_by_name():
 
 def test_old_checkpoint_settings_load_and_round_trip():
     old = {"itc_weight": 1.0, "itm_weight": 3, "distill": {"teacher_ckpt": None, "weight": 0.0}}
-    cfg = ObjectiveConfig.from_dict(old)  # keys added later (mlm_prob, lm_weight) default
-    assert cfg.weights == {"itc": 1.0, "itm": 3.0, "mlm": 0.0, "lm": 0.0, "distill": 0.0}
+    cfg = ObjectiveConfig.from_dict(old)  # keys added later (mlm_prob, lm_weight, ...) default
+    weights = {"itc": 1.0, "itm": 3.0, "mlm": 0.0, "lm": 0.0, "episode": 0.0, "distill": 0.0}
+    assert cfg.weights == weights
     assert cfg.mlm_prob == 0.15 and cfg.distill.temperature == 2.0
     plain = cfg.to_dict()
     assert json.loads(json.dumps(plain)) == plain  # plain values: weights_only checkpoints

@@ -32,6 +32,7 @@ EXPECTED = {  # experiment -> losses it must log for each modality
     "lora_finetune": ["lm"],
     "freeze_then_unfreeze": ["itc"],
     "distill": ["itc", "distill"],
+    "long_context_sft": ["episode"],
 }
 
 
@@ -66,12 +67,13 @@ def test_experiment_fast_dev_run(experiment, base_run, tmp_path, cache_dir):
         extra.append(f"init_from={base_ckpt}")
     if experiment == "distill":
         extra.append(f"objective.distill.teacher_ckpt={base_ckpt}")
+    cfg = _cfg(experiment, tmp_path, cache_dir, *extra)
     if experiment == "itm_mlm_pretrain":  # the session's base run is this very run
         result = base_run
     else:
-        result = run(_cfg(experiment, tmp_path, cache_dir, *extra))
+        result = run(cfg)
     metrics = result["metrics"]
-    for modality in ("image", "audio"):
+    for modality in cfg.data.modalities:  # image and audio; episode for long_context_sft
         for loss in EXPECTED[experiment]:
             value = metrics[f"train/{loss}_{modality}"]
             assert math.isfinite(value) and value >= 0, (loss, modality, value)

@@ -10,6 +10,7 @@ Training batches are dicts keyed by modality (``{"image": ..., "audio": ...}``, 
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from autoglm_phone.app.resume import ResumableLoader, ResumableSampler
 from autoglm_phone.app.schema import DataConfig
+from autoglm_phone.data.episodes import collate_episodes
 from autoglm_phone.data.instructions import DESCRIBE, instructions_for, tokenize_chat
 from autoglm_phone.data.records import DataFileError, collate_skipped, stable_id
 from autoglm_phone.data.sources import DataSource, open_source
@@ -119,13 +121,14 @@ class MultiModalDataModule(L.LightningDataModule):
         seed: int = 0,  # of the training order (the run's seed); the data have their own
     ):
         super().__init__()
-        unknown = set(cfg.modalities) - {"image", "audio"}
-        if unknown or not cfg.modalities:
+        self.source: DataSource = open_source(cfg, cache_dir, image_size, progress)
+        allowed = self.source.modalities
+        if set(cfg.modalities) - set(allowed) or not cfg.modalities:
             raise ValueError(
-                f"data.modalities must be a non-empty subset of [image, audio], got {cfg.modalities}"
+                f"data.modalities must be a non-empty subset of {list(allowed)} for "
+                f"data.name={cfg.name}, got {cfg.modalities}"
             )
         self.cfg, self.cache_dir, self.image_size = cfg, Path(cache_dir), image_size
-        self.source: DataSource = open_source(cfg, cache_dir, image_size, progress)
         self.seed = seed
         self._tokenizer = None
 
@@ -192,14 +195,19 @@ class MultiModalDataModule(L.LightningDataModule):
             drop_last=shuffle,
             num_workers=self.cfg.num_workers,
             persistent_workers=self.cfg.num_workers > 0,
-            collate_fn=Collate(
-                modality,
-                self.tokenizer,
-                self.cfg.max_text_len,
-                self.image_size,
-                self.cfg.max_chat_len if self.cfg.instructions else None,
-                questions=self.source.has_questions,
-            ),
+            collate_fn=self._collate(modality),
+        )
+
+    def _collate(self, modality: str):
+        if modality == "episode":  # many media per item (autoglm_phone/data/episodes.py)
+            return partial(collate_episodes, tokenizer=self.tokenizer, image_size=self.image_size)
+        return Collate(
+            modality,
+            self.tokenizer,
+            self.cfg.max_text_len,
+            self.image_size,
+            self.cfg.max_chat_len if self.cfg.instructions else None,
+            questions=self.source.has_questions,
         )
 
     def _train_sampler(self, dataset: Dataset, modality: str) -> ResumableSampler:

@@ -16,10 +16,13 @@
 - ``captioning``: greedy answers to the describe prompt, parsed back into attributes; exact match
   (every attribute right) and per-attribute accuracy (the embedded data only: real captions
   have no grammar to parse).
+- ``episode recall`` (``data=episodes``): greedy answers to the question at the end of a
+  long-context episode, accuracy by the distance back to the asked item (:func:`episode_report`).
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any
 
@@ -41,6 +44,7 @@ from autoglm_phone.objectives import (
     encode_batch,
     match_logits,
 )
+from autoglm_phone.objectives.episode import layout_episodes
 
 FUSED_TASKS = ("itm", "rerank", "mlm", "perplexity", "captioning")
 
@@ -285,3 +289,102 @@ def rerank_metrics(scores: dict[str, dict[str, Any]], weight: float) -> dict[str
             **{f"chance_{key}": v for key, v in chance.items()},
         }
     return report
+
+
+# -- long-context episodes (autoglm_phone/data/episodes.py) ----------------------------------
+SEGMENT_BUCKETS = (0.0, 1.0, 2.0, 4.0, 8.0)  # lower edges, in segments back; the last is open
+ITEM_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0)  # lower edges, in items back (1: the last item)
+
+
+def bucket_label(edges: tuple[float, ...], value: float) -> str:
+    """The ``[lo, hi)`` bucket of ``value`` as ``"lo-hi"`` (``"lo+"`` for the open last one)."""
+    lo_index = max(i for i, e in enumerate(edges) if value >= e) if value >= edges[0] else 0
+    lo = edges[lo_index]
+    fmt = "{:g}".format
+    return f"{fmt(lo)}+" if lo_index == len(edges) - 1 else f"{fmt(lo)}-{fmt(edges[lo_index + 1])}"
+
+
+def accuracy_by_distance(
+    distances: list[float],
+    correct: list[bool],
+    chances: list[float],
+    edges: tuple[float, ...] = SEGMENT_BUCKETS,
+) -> dict[str, dict[str, float]]:
+    """Accuracy (%) per distance bucket, beside chance (%, the mean over the bucket's questions
+    of a uniform guess among the asked attribute's answers) and the number of questions; every
+    bucket listed, empty ones with NaN accuracy."""
+    out = {}
+    labels = [bucket_label(edges, e) for e in edges]
+    for label in labels:
+        rows = [
+            (c, p)
+            for d, c, p in zip(distances, correct, chances, strict=True)
+            if bucket_label(edges, d) == label
+        ]
+        n = len(rows)
+        out[label] = {
+            "accuracy": 100 * sum(c for c, _ in rows) / n if n else math.nan,
+            "chance": 100 * sum(p for _, p in rows) / n if n else math.nan,
+            "count": float(n),
+        }
+    return out
+
+
+@torch.no_grad()
+def episode_report(
+    model: AutoGLMModel, tokenizer: Any, loader, segment_len: int, max_new_tokens: int = 4
+) -> dict[str, dict[str, Any]]:
+    """Answer accuracy on long-context episodes: greedy generation after the question (left-
+    padded prompt, ``model.text.generate(..., mode="prefix")``), exact match with the answer
+    word, overall and by distance between the asked item's caption and the question, in
+    segments of ``segment_len`` tokens (``text.memory.segment_len``, whether or not memory is
+    on, so runs with and without memory share buckets) and in items back."""
+    eos = model.cfg.special_tokens.eos
+    dist, items_back, correct, chances, examples = [], [], [], [], []
+    for batch in tqdm(loader, desc="episode recall", leave=False):
+        layout = layout_episodes(model, batch, answers=False, left_pad=True)
+        out = model.text.generate(
+            inputs_embeds=layout.inputs_embeds,
+            attention_mask=layout.attention_mask,
+            mode="prefix",
+            max_new_tokens=max_new_tokens,
+            stop_token_ids=(eos,),
+        )
+        for i, row in enumerate(out.tolist()):
+            row = row[: row.index(eos)] if eos in row else row
+            said = tokenizer.decode(row, skip_special_tokens=True).strip()
+            correct.append(said == batch["answer"][i])
+            if len(examples) < 5:
+                examples.append({"question": batch["question"][i], "generated": said,
+                                 "reference": batch["answer"][i]})  # fmt: skip
+        dist += (layout.distance.float() / segment_len).tolist()
+        items_back += batch["items_back"].tolist()
+        chances += (1.0 / batch["num_choices"].float()).tolist()
+    n = max(1, len(correct))
+    return {
+        "episode recall": {
+            "accuracy": 100 * sum(correct) / n,
+            "chance": 100 * sum(chances) / n,
+            "num_episodes": float(len(correct)),
+            "segment_len": float(segment_len),
+            "mean_segments_back": sum(dist) / n,
+            "by_segments_back": accuracy_by_distance(dist, correct, chances),
+            "by_items_back": accuracy_by_distance(items_back, correct, chances, ITEM_BUCKETS),
+            "decoding": "greedy generation, exact match of the answer word",
+            "examples": examples,
+        }
+    }
+
+
+def format_episode(report: dict[str, Any]) -> str:
+    """The accuracy-by-distance table of :func:`episode_report` (segments back)."""
+    lines = [f"{'segments back':<16}{'accuracy %':>12}{'chance %':>10}{'episodes':>10}"]
+    for label, row in report["by_segments_back"].items():
+        lines.append(
+            f"{label:<16}{row['accuracy']:>12.1f}{row['chance']:>10.1f}{int(row['count']):>10}"
+        )
+    lines.append(
+        f"{'all':<16}{report['accuracy']:>12.1f}{report['chance']:>10.1f}"
+        f"{int(report['num_episodes']):>10}"
+    )
+    return "\n".join(lines)

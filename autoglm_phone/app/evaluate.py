@@ -22,12 +22,18 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from autoglm_phone.app.datamodule import MultiModalDataModule
-from autoglm_phone.app.eval_tasks import fit_rerank_weight_on, fused_report, tasks_for
+from autoglm_phone.app.eval_tasks import (
+    episode_report,
+    fit_rerank_weight_on,
+    format_episode,
+    fused_report,
+    tasks_for,
+)
 from autoglm_phone.app.schema import DataConfig
 from autoglm_phone.checkpoint import load_model
 from autoglm_phone.data.records import format_summary, summarize
 from autoglm_phone.metrics import KS, chance_metrics, retrieval_metrics
-from autoglm_phone.models.autoglm import AutoGLMModel
+from autoglm_phone.models.autoglm import MODALITY_TABLE, AutoGLMModel
 from autoglm_phone.objectives import encode_batch
 
 
@@ -164,6 +170,29 @@ def plot_report(report: dict[str, dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_episode(report: dict[str, Any], path: Path) -> None:
+    """Accuracy by segments back (bars) with chance (black caps) and the number of episodes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["by_segments_back"]
+    names = list(rows)
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 3.5))
+    ax.bar(range(len(names)), [rows[n]["accuracy"] for n in names])
+    ax.scatter(range(len(names)), [rows[n]["chance"] for n in names], marker="_", s=300, c="k")
+    for i, n in enumerate(names):
+        ax.annotate(f"n={int(rows[n]['count'])}", (i, 102), ha="center", fontsize="small")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_xlabel(f"segments back ({int(report['segment_len'])} tokens each)")
+    ax.set_ylabel("answer accuracy (%)  — black: chance")
+    ax.set_ylim(0, 110)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def run(cfg: DictConfig, data_overrides: list[str] | None = None) -> dict[str, Any]:
     if not cfg.ckpt_path:
         raise ValueError("ckpt_path is required: python eval.py ckpt_path=path/to/last.ckpt")
@@ -179,18 +208,30 @@ def run(cfg: DictConfig, data_overrides: list[str] | None = None) -> dict[str, A
     dm.set_tokenizer(tokenizer)
     loaders = dm.test_dataloader() if cfg.split == "test" else dm.val_dataloader()
 
+    by_modality = dict(zip(data_cfg.modalities, loaders, strict=True))
+    episode = None
+    if "episode" in by_modality:
+        segment_len = model.cfg.text.memory.segment_len
+        episode = episode_report(model, tokenizer, by_modality.pop("episode"), segment_len)
+        print(
+            f"\nepisode recall on the {cfg.split} split ({cfg.ckpt_path}), "
+            f"{episode['episode recall']['decoding']}\n"
+            f"{format_episode(episode['episode recall'])}\n"
+        )
+    media_modalities = [m for m in by_modality if m in MODALITY_TABLE]
     report: dict[str, dict[str, float]] = {}
     skipped: dict[str, dict[str, Any]] = {}
-    for modality, loader in zip(data_cfg.modalities, loaders, strict=True):
+    for modality, loader in by_modality.items():
         emb = embed_split(model, loader, modality, cfg.split)
         report.update(retrieval_report(emb, modality, dm.protocol))
         skipped[modality] = summarize(emb["skipped"])
         if skipped[modality]["total"]:
             print(format_summary(skipped[modality], f"{cfg.split} {modality}"))
-    print(
-        f"\nretrieval on the {cfg.split} split ({cfg.ckpt_path})\n"
-        f"protocol: {dm.protocol} ({PROTOCOLS[dm.protocol]})\n{format_table(report)}\n"
-    )
+    if report:
+        print(
+            f"\nretrieval on the {cfg.split} split ({cfg.ckpt_path})\n"
+            f"protocol: {dm.protocol} ({PROTOCOLS[dm.protocol]})\n{format_table(report)}\n"
+        )
 
     tasks = tasks_for(hp["objective"]) if cfg.tasks is None else list(cfg.tasks)
     if not dm.source.captioning_gradable and "captioning" in tasks:
@@ -198,13 +239,14 @@ def run(cfg: DictConfig, data_overrides: list[str] | None = None) -> dict[str, A
         print("captioning accuracy needs the embedded data's grammar: skipped (perplexity kept)")
     fused: dict[str, dict[str, Any]] = {}
     if tasks:
-        weights = {m: cfg.rerank_weight for m in data_cfg.modalities}
+        weights = {m: cfg.rerank_weight for m in media_modalities}
         if "rerank" in tasks and cfg.rerank_weight is None and cfg.split == "test":
             val = dm.val_dataloader()  # fitted on validation, reported on test
             for modality, loader in zip(data_cfg.modalities, val, strict=True):
-                weights[modality] = fit_rerank_weight_on(model, loader, modality, cfg.rerank_k)
+                if modality in weights:
+                    weights[modality] = fit_rerank_weight_on(model, loader, modality, cfg.rerank_k)
             print(f"ITM re-rank weight fitted on the validation split: {weights}")
-        for modality, loader in zip(data_cfg.modalities, loaders, strict=True):
+        for modality, loader in by_modality.items():
             fused.update(
                 fused_report(
                     model,
@@ -230,7 +272,12 @@ def run(cfg: DictConfig, data_overrides: list[str] | None = None) -> dict[str, A
     }
     if fused:
         result["fused"] = fused
+    if episode:
+        result["episode"] = episode
     out_json.write_text(json.dumps(result, indent=2))
-    plot_report(report, out_json.with_suffix(".png"))
+    if episode:
+        plot_episode(episode["episode recall"], out_json.with_suffix(".png"))
+    else:
+        plot_report(report, out_json.with_suffix(".png"))
     print(f"wrote {out_json} and {out_json.with_suffix('.png')}")
     return result

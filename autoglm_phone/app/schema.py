@@ -31,7 +31,8 @@ class SplitNames:
 
 @dataclass
 class DataConfig:
-    name: str = "synthetic"  # synthetic | manifest | coco | audiocaps | webdataset (docs/DATA.md)
+    # synthetic | episodes | manifest | coco | audiocaps | webdataset (docs/DATA.md)
+    name: str = "synthetic"
     # synthetic generator (autoglm_phone.data.synthetic.SyntheticSpec)
     seed: int = 0  # also seeds the shard order of webdataset
     image_size: int = 64  # render size; batches are resized to model.vision.img_size if different
@@ -46,6 +47,16 @@ class DataConfig:
     num_av_val: int = 200
     num_av_test: int = 200
     use_av: bool = True  # AV scenes add (image, image caption) and (audio, audio caption) pairs
+    # episodes (autoglm_phone.data.episodes.EpisodeSpec): media items per episode; the question's
+    # item is at least min_back items back and (ask_within > 0) among the first ask_within;
+    # train_min_items > 0: training episodes have train_min_items..num_items items
+    num_items: int = 16
+    min_back: int = 4
+    ask_within: int = 0
+    train_min_items: int = 0
+    # "full": each item's whole caption; "short": "<ordinal> <value>." with one asked attribute
+    # per modality (image colour, sound count), a key directly followed by its value
+    captions: str = "full"
     # real sources (autoglm_phone.data.sources); images decode straight to model.vision.img_size
     path: str | None = None  # manifest / COCO JSON / CSV / shard glob; {split} = a file per split
     # relative media paths start here (relative to the path's folder); {split} as in path

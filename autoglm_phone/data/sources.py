@@ -6,6 +6,8 @@ items carry attributes to ask instruction questions about, whether generated cap
 graded, whether bad samples are skipped and counted. The sources:
 
 - ``synthetic``: the embedded procedural set (:mod:`autoglm_phone.data.synthetic`);
+- ``episodes``: long-context episodes made from it (:mod:`autoglm_phone.data.episodes`), one
+  "modality" ``episode`` whose items each hold many media;
 - ``manifest``, ``coco``, ``audiocaps``: annotation files read into :class:`Record` lists
   (:data:`FILE_READERS`), decoded on access;
 - ``webdataset``: tar shards, streamed (:mod:`autoglm_phone.data.shards`).
@@ -27,6 +29,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from autoglm_phone.data.audiocaps import read_audiocaps
 from autoglm_phone.data.coco import read_coco
 from autoglm_phone.data.decode import MAX_FILE_BYTES, SampleError, normalize_caption
+from autoglm_phone.data.episodes import EpisodeDataset, EpisodeSpec, episode_texts
 from autoglm_phone.data.manifest import read_manifest
 from autoglm_phone.data.records import (
     DataFileError,
@@ -95,6 +98,7 @@ class DataSource(ABC):
     has_questions: ClassVar[bool] = False  # items carry attributes for instruction questions
     captioning_gradable: ClassVar[bool] = False  # generated captions parse back to attributes
     reports_skips: ClassVar[bool] = True  # bad samples are skipped and counted
+    modalities: ClassVar[tuple[str, ...]] = ("image", "audio")  # what data.modalities may name
 
     def prepare(self) -> None:
         """Make the data ready (build, download); called once before the first dataset."""
@@ -171,6 +175,34 @@ class SyntheticSource(DataSource):
             for modality in ("image", "audio", "av")
             for r in SyntheticDataset(self.folder, modality, "train").records
         ]
+
+
+class EpisodeSource(DataSource):
+    """Long-context episodes (:mod:`autoglm_phone.data.episodes`), generated on access."""
+
+    protocol = "caption"
+    reports_skips = False
+    modalities = ("episode",)
+
+    def __init__(self, spec: EpisodeSpec) -> None:
+        self.spec = spec
+
+    @classmethod
+    def from_config(cls, cfg: Any, cache_dir: str | Path, image_size: int, progress: bool = True):
+        names = ("seed", "num_items", "min_back", "ask_within", "train_min_items", "captions",
+                 "image_size", "sample_rate", "audio_seconds")  # fmt: skip
+        sizes = ("num_train", "num_val", "num_test")
+        return cls(EpisodeSpec(**{k: getattr(cfg, k) for k in names + sizes}))
+
+    def dataset(self, modality: str, split: str, shuffle: bool = False) -> Dataset:
+        if modality not in self.modalities:
+            raise ValueError(
+                f"data.name=episodes has only data.modalities=[episode], not {modality!r}"
+            )
+        return EpisodeDataset(self.spec, split)
+
+    def train_texts(self) -> list[str]:
+        return episode_texts(self.spec, "train")
 
 
 class RealSource(DataSource):
@@ -307,6 +339,7 @@ class ShardSource(RealSource):
 # data.name -> factory(cfg, cache_dir, image_size, progress) of its source
 SOURCES: dict[str, Callable[..., DataSource]] = {
     "synthetic": SyntheticSource.from_config,
+    "episodes": EpisodeSource.from_config,
     **{name: partial(FileSource.from_config, reader=name) for name in FILE_READERS},
     "webdataset": ShardSource.from_config,
 }

@@ -262,7 +262,8 @@ def num_distinct_captions(modality: str) -> int:
 
 
 # ---------------------------------------------------------------- images
-def _draw_attributes(rng: np.random.Generator, vocab: Mapping[str, tuple]) -> dict[str, Any]:
+def draw_attributes(rng: np.random.Generator, vocab: Mapping[str, tuple]) -> dict[str, Any]:
+    """One value per attribute of ``vocab``, each uniform over its values (in ``vocab``'s order)."""
     out: dict[str, Any] = {}
     for name, values in vocab.items():
         value = values[int(rng.integers(len(values)))]
@@ -439,17 +440,17 @@ def generate_sample(spec: SyntheticSpec, modality: str, split: str, index: int) 
     rng = sample_rng(spec.seed, modality, split, index)
     out: dict[str, Any] = {}
     if modality == "audio":
-        attrs = _draw_attributes(rng, AUDIO_ATTRIBUTES)
+        attrs = draw_attributes(rng, AUDIO_ATTRIBUTES)
         out["audio"] = render_audio(attrs, rng, spec.sample_rate, spec.audio_seconds)
         out["record"] = {"index": index, "caption": audio_caption(attrs), "attributes": attrs}
         return out
-    image_attrs = _draw_attributes(rng, IMAGE_ATTRIBUTES)
+    image_attrs = draw_attributes(rng, IMAGE_ATTRIBUTES)
     out["image"] = render_image(image_attrs, rng, spec.image_size)
     if modality == "image":
         caption = image_caption(image_attrs)
         out["record"] = {"index": index, "caption": caption, "attributes": image_attrs}
         return out
-    audio_attrs = _draw_attributes(rng, AUDIO_ATTRIBUTES)
+    audio_attrs = draw_attributes(rng, AUDIO_ATTRIBUTES)
     out["audio"] = render_audio(audio_attrs, rng, spec.sample_rate, spec.audio_seconds)
     out["record"] = {
         "index": index,

@@ -7,11 +7,13 @@ returns its loss and metrics; the Lightning module and ``eval.py`` both use them
 | ITM (matching, hard negatives) | ``itm.py`` | ``losses/itm.py`` |
 | MLM (masked caption tokens) | ``mlm.py`` | ``losses/mlm.py`` |
 | prefix LM (instructions) | ``lm.py`` | ``losses/lm.py`` |
+| prefix LM (long-context episodes) | ``episode.py`` | cross-entropy on the answers |
 | distillation | ``distill.py`` | |
 
 ``losses/`` keeps the tensor-level maths (no model, tested against references); an objective
 is the glue from a model and a batch to those functions. :func:`compute` runs a step: one tower
-pass (:func:`encode_batch`), then every objective that is switched on.
+pass (:func:`encode_batch`), then every objective that is switched on. Episode batches (many
+media per row) have no single media tensor: their objective runs the towers itself.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 
 from autoglm_phone.objectives.config import NAMES, DistillConfig, ObjectiveConfig
 from autoglm_phone.objectives.distill import Distill
+from autoglm_phone.objectives.episode import EPISODE, EpisodeLM
 from autoglm_phone.objectives.features import (
     Features,
     ObjectiveOutput,
@@ -54,6 +57,7 @@ FACTORIES: dict[str, Callable[[ObjectiveConfig, int, int], Objective]] = {
     "itm": lambda cfg, rank, world: ITM(),
     "mlm": lambda cfg, rank, world: MLM(cfg.mlm_prob),
     "lm": lambda cfg, rank, world: PrefixLM(),
+    "episode": lambda cfg, rank, world: EpisodeLM(),
 }
 
 
@@ -74,7 +78,17 @@ def compute(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], Features]:
     """Unweighted losses (plus ``moe_aux``, the MoE balancing terms of every decoder pass),
     metrics and features of one modality's batch."""
-    feats = encode_batch(model, batch, text=cfg.needs_text, block=cfg.needs_block)
+    if batch["modality"] == EPISODE:
+        others = [name for name in objectives if name != "episode"]
+        if others:
+            raise ValueError(
+                f"episode batches (data=episodes) train only objective.episode_weight; set "
+                f"{', '.join(f'objective.{n}_weight' for n in others)} to 0"
+            )
+        scale = clamped_logit_scale(model.logit_scale)
+        feats = Features(media=scale.new_zeros(0), scale=scale)  # no single media tensor
+    else:
+        feats = encode_batch(model, batch, text=cfg.needs_text, block=cfg.needs_block)
     losses: dict[str, torch.Tensor] = {}
     metrics: dict[str, torch.Tensor] = {}
     aux = list(feats.aux)
@@ -95,6 +109,7 @@ __all__ = [
     "MLM",
     "NAMES",
     "Distill",
+    "EpisodeLM",
     "DistillConfig",
     "Features",
     "Objective",

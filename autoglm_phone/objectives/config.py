@@ -14,7 +14,7 @@ from typing import Any
 
 from autoglm_phone.config import from_dict
 
-NAMES = ("itc", "itm", "mlm", "lm", "distill")  # every objective, in the order they run
+NAMES = ("itc", "itm", "mlm", "lm", "episode", "distill")  # every objective, in the order they run
 
 
 def _check(owner: str, name: str, value: float, low: float, high: float = math.inf) -> None:
@@ -49,10 +49,12 @@ class ObjectiveConfig:
     mlm_weight: float = 0.0  # masked caption tokens with the media visible (BERT 80/10/10)
     mlm_prob: float = 0.15
     lm_weight: float = 0.0  # prefix LM on instruction responses (needs data.instructions=true)
+    # prefix LM on the answers of long-context episodes (needs data=episodes; objectives/episode.py)
+    episode_weight: float = 0.0
     distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
-        for name in ("itc_weight", "itm_weight", "mlm_weight", "lm_weight"):
+        for name in ("itc_weight", "itm_weight", "mlm_weight", "lm_weight", "episode_weight"):
             _check("objective", name, getattr(self, name), 0.0)
         _check("objective", "mlm_prob", self.mlm_prob, 1e-6, 1.0)
 
