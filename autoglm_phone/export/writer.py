@@ -97,6 +97,7 @@ def export_model(
     entries, seconds = {}, {}
     for name in methods:
         method = METHODS[name](ready, shapes, torch_prec.dtype)
+        method.module.eval()
         inputs, outputs = method.specs()
         path = out / f"{name}{backend.suffix}"
         start = time.perf_counter()
