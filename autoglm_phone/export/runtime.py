@@ -78,12 +78,8 @@ class ExportedModel:
     def __init__(
         self, folder: Path, manifest: dict[str, Any], runners: dict[str, Runner], tokenizer: Any
     ) -> None:
-        self.folder, self.manifest, self.runners, self.tokenizer = (
-            folder,
-            manifest,
-            runners,
-            tokenizer,
-        )
+        self.folder, self.manifest, self.runners = folder, manifest, runners
+        self.tokenizer = tokenizer
         self.config = MultiModalConfig.from_dict(manifest["model"])
         self.shapes = manifest["shapes"]
 
