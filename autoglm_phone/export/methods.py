@@ -74,11 +74,11 @@ def _image_tower(model: AutoGLMModel, images: torch.Tensor) -> TowerOutput:
 
 
 def _audio_tower(model: AutoGLMModel, wave: torch.Tensor) -> TowerOutput:
-    """The audio tower with its export front end (:meth:`LogMel.conv_logmel`), kept in float32
+    """The audio tower with its export front end (:meth:`LogMel.dft_logmel`), kept in float32
     at every precision: log-mel power sums overflow FP16, and quantising the mel filterbank
     gave NaN (docs/EXPORT.md)."""
     tower = model.audio
-    mel = tower.frontend.conv_logmel(wave.float())  # (B, n_mels, frames)
+    mel = tower.frontend.dft_logmel(wave.float())  # (B, n_mels, frames)
     tokens = tower.forward_mel(mel.to(tower.proj.weight.dtype))  # (B, N, D)
     return TowerOutput(tokens=tokens, pooled=tower.forward_head(tokens))
 

@@ -6,7 +6,7 @@ timm method names — so tests and adapters loop over towers without special cas
 
 The audio front end reproduces torchaudio's ``MelSpectrogram`` and ``resample`` (parity-tested)
 and also runs on a live stream, chunk by chunk, with the same output (docs/AUDIO.md). For export
-it also has a form without complex numbers, :meth:`LogMel.conv_logmel` (docs/EXPORT.md).
+it also has a form without complex numbers, :meth:`LogMel.dft_logmel` (docs/EXPORT.md).
 """
 
 from __future__ import annotations
@@ -244,17 +244,18 @@ class LogMel(nn.Module):
         mel = power @ self.mel.mel_scale.fb  # (B, F, n_mels)
         return rearrange(torch.log(mel + 1e-6), "b f m -> b m f")
 
-    def conv_logmel(self, wave: torch.Tensor) -> torch.Tensor:
-        """:meth:`forward` at the model's rate as real arithmetic only, for export: one strided
-        conv1d over the window-weighted DFT basis gives each centred frame's real and imaginary
-        parts (ExecuTorch lowers no complex ``abs``). Float32 rounding differs from ``rfft``'s:
-        ~1e-5 on noise-like clips; both are ~2e-3 from float64 on a pure tone, where bands sit
-        near the 1e-6 floor (tests/test_export.py). Eager keeps ``rfft``, 1.1-2.8x faster."""
-        kernel = (self.dft * self.mel.spectrogram.window)[:, None]  # (2K, 1, n_fft)
-        padded = F.pad(wave[:, None], (self.pad, self.pad), mode="reflect")  # (B, 1, n + 2p)
-        spec = F.conv1d(padded, kernel.to(padded.dtype), stride=self.hop_length)  # (B, 2K, F)
-        real, imag = spec.chunk(2, dim=1)  # (B, K, F) each
-        mel = rearrange(real.square() + imag.square(), "b k f -> b f k") @ self.mel.mel_scale.fb
+    def dft_logmel(self, wave: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` at the model's rate as real arithmetic only, for export: each centred
+        frame times the window-weighted real DFT basis (a ``linear``, i.e. a strided conv1d)
+        gives its real and imaginary parts (ExecuTorch lowers no complex ``abs``; XNNPACK
+        delegates the ``linear``, not a 400-wide ``conv1d``). Float32 rounding differs from
+        ``rfft``'s: ~1e-5 on noise-like clips; both are ~1e-3 from float64 on a pure tone, where
+        bands sit near the 1e-6 floor (docs/AUDIO.md). Eager keeps ``rfft``, 1.4-1.7x faster."""
+        kernel = self.dft * self.mel.spectrogram.window  # (2K, n_fft)
+        padded = F.pad(wave[:, None], (self.pad, self.pad), mode="reflect")[:, 0]  # (B, n + 2p)
+        frames = padded.unfold(-1, self.n_fft, self.hop_length)  # (B, F, n_fft)
+        real, imag = F.linear(frames, kernel.to(frames.dtype)).chunk(2, dim=-1)  # (B, F, K) each
+        mel = (real.square() + imag.square()) @ self.mel.mel_scale.fb  # (B, F, n_mels)
         return rearrange(torch.log(mel + 1e-6), "b f m -> b m f")  # (B, n_mels, F)
 
     def forward(self, wave: torch.Tensor, sample_rate: int | None = None) -> torch.Tensor:
