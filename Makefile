@@ -15,8 +15,9 @@ $(VENV)/.installed: pyproject.toml requirements/lock.txt | $(BIN)/python
 	$(PIP) -e '.[train]'
 	touch $@
 
+# the default suite includes the export tests, so the test install has the export extra
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) -e '.[train,test]'
+	$(PIP) -e '.[train,test,export]'
 	touch $@
 
 ## quickstart: install, train itc_pretrain on the embedded data, evaluate on the test split
@@ -26,7 +27,7 @@ quickstart: $(VENV)/.installed
 	$(BIN)/python eval.py ckpt_path=outputs/quickstart/checkpoints/last.ckpt \
 		output_json=outputs/quickstart/metrics.json hydra.run.dir=outputs/quickstart/eval
 
-## test: install with test extras and run the default (fast) suite
+## test: install with test and export extras and run the default (fast) suite
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -m "not slow and not gpu" -q
 

@@ -511,3 +511,23 @@ def test_moe_layers_plug_in():
     model(torch.randint(1, V, (2, 5)))
     assert model.aux_loss().ndim == 0 and torch.isfinite(model.aux_loss())
     assert set(model.moe_stats()) == {1}
+
+
+def test_prefix_mask_needs_no_cumprod():
+    """Leading pads from a cumsum equal the ``cumprod`` count they replaced (ExecuTorch has no
+    cumprod kernel), and the prefix mask's graph holds no cumprod."""
+    from autoglm_phone.models.layers import build_attention_mask, leading_pads
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        mask = torch.rand(5, 9, generator=g) > 0.5
+        mask[0] = False  # all padding
+        mask[1] = True  # none
+        assert torch.equal(leading_pads(mask), (~mask).long().cumprod(-1).sum(-1))
+
+    class Prefix(torch.nn.Module):
+        def forward(self, mask: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            return build_attention_mask(mask, "prefix", lengths)
+
+    program = torch.export.export(Prefix(), (mask, mask.sum(-1)))
+    assert not [n for n in program.graph.nodes if "cumprod" in str(n.target)]

@@ -220,6 +220,8 @@ def test_export_matches_eager(masked):
     program = torch.export.export(layer, args)
     ops = {str(node.target) for node in program.graph.nodes}
     assert not any(op in ("aten.item.default", "aten._local_scalar_dense.default") for op in ops)
+    # ExecuTorch has no sort or index_add kernels, ONNX no stable sort (docs/EXPORT.md)
+    assert not [op for op in ops if "sort" in op or "index_add" in op]
     torch.testing.assert_close(program.module()(*args), layer(*args), rtol=0, atol=1e-6)
     assert layer.stats["dropped"].item() > 0  # the capacity limit was exercised
 
@@ -271,3 +273,19 @@ def test_capacity_path_does_not_sync_on_cuda():
         layer(x, mask).sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_queue_positions_number_like_a_stable_sort():
+    """The sort-free numbering equals the stable-sort one it replaced, exactly."""
+    from autoglm_phone.models.moe import queue_positions
+
+    g = torch.Generator().manual_seed(0)
+    for m, e in ((1, 1), (7, 3), (64, 5), (300, 9)):
+        expert = torch.randint(0, e, (m,), generator=g)
+        order = torch.argsort(expert, stable=True)
+        counts = torch.bincount(expert, minlength=e)
+        starts = counts.cumsum(0) - counts
+        pos_sorted = torch.arange(m) - starts[expert[order]]
+        reference = torch.empty_like(pos_sorted).scatter(0, order, pos_sorted)
+        pos, got_counts = queue_positions(expert, e)
+        assert torch.equal(pos, reference) and torch.equal(got_counts, counts)

@@ -138,3 +138,39 @@ def test_bad_audio_gets_a_clear_error():
         stream.push(torch.randn(1, 100))
     with pytest.raises(ValueError, match="too short"):
         stream.flush()
+
+
+def _logmel_float64(frontend: LogMel, wave: torch.Tensor) -> torch.Tensor:
+    """The log-mel computed in float64 (rfft of centred, windowed frames): the exact value."""
+    pad = frontend.pad
+    padded = torch.nn.functional.pad(wave.double()[:, None], (pad, pad), mode="reflect")[:, 0]
+    frames = padded.unfold(-1, frontend.n_fft, frontend.hop_length)
+    power = torch.fft.rfft(frames * frontend.mel.spectrogram.window.double()).abs().pow(2)
+    return torch.log(power @ frontend.mel.mel_scale.fb.double() + 1e-6).transpose(1, 2)
+
+
+@pytest.mark.parametrize("rate", sorted(CONFIGS))
+def test_dft_logmel_equals_logmel(rate):
+    """The export front end (frames times the windowed DFT basis, no complex numbers) against the
+    eager rfft one: close on noise, and on a pure tone (bands near the 1e-6 floor, where float32
+    rounding shows in the log) as close to the float64 value as rfft is."""
+    frontend = LogMel(CONFIGS[rate])
+    noise = 0.1 * torch.randn(2, 2001, generator=torch.Generator().manual_seed(0))
+    assert frontend.dft_logmel(noise).shape == frontend(noise).shape
+    assert torch.allclose(frontend.dft_logmel(noise), frontend(noise), atol=1e-4)
+    for wave in (noise, _tone(rate)):
+        exact = _logmel_float64(frontend, wave)
+        conv_err = (frontend.dft_logmel(wave) - exact).abs().max()
+        rfft_err = (frontend(wave) - exact).abs().max()
+        assert conv_err <= 2 * rfft_err + 1e-5
+
+
+def test_audio_tower_runs_in_half_precision():
+    """The sinusoidal position table follows the input's dtype (it stayed float32 and made the
+    blocks see mixed dtypes); float32 results are unchanged."""
+    tower = AudioTower(AudioConfig(depth=1)).eval()
+    mel = torch.randn(1, 64, 40)
+    ref = tower.forward_mel(mel)
+    out = tower.to(torch.bfloat16).forward_mel(mel.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), ref, atol=0.1)

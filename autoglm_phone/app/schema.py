@@ -203,6 +203,20 @@ class EvalConfig:
     rerank_weight: float | None = None
 
 
+@dataclass
+class ExportConfig:
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    ckpt_path: str | None = None  # a training checkpoint or a save_pretrained folder
+    format: str = "executorch"  # executorch (XNNPACK .pte) | onnx
+    precision: str = "fp32"  # fp32 | fp16 | int4
+    out_dir: str | None = None  # default: <run folder>/<format>_<precision>
+    methods: list[str] = field(default_factory=lambda: ["image", "audio", "text"])
+    group_size: int = 32  # int4: input channels per weight scale
+    max_text_len: int | None = None  # None: the checkpoint's data.max_text_len, else 32
+    audio_seconds: float | None = None  # None: the checkpoint's data.audio_seconds, else 1.0
+    task_name: str = "export"
+
+
 def _schema(cls: type) -> Any:
     """Structured node for ``cls`` with the decoder's derived sizes left unset (None)."""
     node = OmegaConf.structured(cls)
@@ -216,3 +230,4 @@ def register_schemas() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=_schema(TrainConfig))
     cs.store(name="eval_schema", node=_schema(EvalConfig))
+    cs.store(name="export_schema", node=_schema(ExportConfig))

@@ -68,7 +68,7 @@ def build_attention_mask(
             if prefix_lengths is None:
                 raise ValueError("prefix attention needs prefix_lengths")
             # the prefix starts at the first real token (left padding shifts it)
-            start = (~padding_mask).long().cumprod(-1).sum(-1)  # (B,) leading pads
+            start = leading_pads(padding_mask)  # (B,)
             end = start + prefix_lengths.to(device)
             key = k_idx[None, :]  # (1, K)
             in_prefix = (key >= start[:, None]) & (key < end[:, None])  # (B, K)
@@ -77,6 +77,12 @@ def build_attention_mask(
     allowed = allowed & padding_mask[:, None, :]  # keys must be real
     allowed = allowed | (k_idx[None, :] == q_idx[:, None])  # no empty rows
     return allowed[:, None]  # (B, 1, Q, K)
+
+
+def leading_pads(padding_mask: torch.Tensor) -> torch.Tensor:
+    """Padded positions before each row's first real token ``(B,)``: those where the running
+    count of real tokens is still 0 (a cumsum; ExecuTorch has no ``cumprod`` kernel)."""
+    return (padding_mask.long().cumsum(-1) == 0).sum(-1)
 
 
 def positions_from_padding(padding_mask: torch.Tensor) -> torch.Tensor:

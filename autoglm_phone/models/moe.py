@@ -10,8 +10,9 @@ https://arxiv.org/abs/2202.08906: the router z-loss, a float32 router).
 Each expert is GLM-4's fused SwiGLU (``glm.SwiGLU``); the experts' weights are stacked as
 ``gate_up_proj`` ``(E, C, 2F)`` and ``down_proj`` ``(E, F, C)`` (``in, out`` order, the transpose
 of an ``nn.Linear`` weight) so all experts run as two batched matmuls. Tokens reach their experts
-by sorting: assignments are stable-sorted by expert, numbered within their expert by a cumsum of
-the per-expert counts, and scattered into an ``(E, capacity, C)`` buffer. With a capacity factor
+in queue order: each assignment is numbered within its expert by a running count (what a stable sort
+by expert would give, without the sort, so the layer exports) and scattered into an
+``(E, capacity, C)`` buffer. With a capacity factor
 the buffer has a static shape (``torch.export`` traces it, no host sync); with
 ``capacity_factor <= 0`` (dropless) one ``.item()`` sizes the buffer to the busiest expert.
 See docs/MOE.md for the formulas.
@@ -182,7 +183,7 @@ class MoEFeedForward(nn.Module):
         valid: torch.Tensor,
         all_valid: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Sort assignments by expert, run the experts on an ``(E, capacity, C)`` buffer, combine.
+        """Number assignments per expert, run the experts on an ``(E, capacity, C)`` buffer, combine.
 
         Returns the output ``(N, C)``, the number of dropped assignments and the buffer capacity.
         """
@@ -192,13 +193,7 @@ class MoEFeedForward(nn.Module):
         # (GShard), and within a slot earlier tokens come first. Padding goes to sentinel expert E.
         expert = rearrange(expert_idx, "n k -> (k n)")
         expert = torch.where(repeat(valid, "n -> (k n)", k=k), expert, e)  # (K*N,)
-        order = torch.argsort(expert, stable=True)
-        sorted_expert = expert[order]
-        counts = torch.zeros(e + 1, dtype=torch.long, device=x.device)
-        counts = counts.index_add(0, expert, torch.ones_like(expert))  # (E + 1,)
-        starts = counts.cumsum(0) - counts  # first sorted index of each expert
-        pos_sorted = torch.arange(k * n, device=x.device) - starts[sorted_expert]
-        pos = torch.empty_like(pos_sorted).scatter(0, order, pos_sorted)  # (K*N,) place in queue
+        pos, counts = queue_positions(expert, e + 1)  # (K*N,) place in queue, (E + 1,)
 
         if self.capacity_factor > 0:
             # The buffer is sized from all N tokens (static); padding does not count towards the
@@ -216,7 +211,8 @@ class MoEFeedForward(nn.Module):
         # Scatter into (E * capacity + 1, C); the last row collects dropped/padding assignments.
         slot = torch.where(keep, expert * capacity + pos, e * capacity)  # (K*N,)
         tokens = repeat(x, "n c -> (k n) c", k=k)  # (K*N, C)
-        buffer = x.new_zeros(e * capacity + 1, c).index_add(0, slot, tokens)
+        index = repeat(slot, "m -> m c", c=c)  # scatter_add: index_add does not export
+        buffer = x.new_zeros(e * capacity + 1, c).scatter_add(0, index, tokens)
         buffer = rearrange(buffer[:-1], "(e m) c -> e m c", e=e)  # (E, capacity, C)
         y = rearrange(self.experts(buffer), "e m c -> (e m) c")
         y = torch.cat((y, y.new_zeros(1, c)))  # (E * capacity + 1, C), zero row for the dropped
@@ -269,6 +265,17 @@ class MoEFeedForward(nn.Module):
             "importance_loss": importance.detach(),
             "z_loss": z.detach(),
         }
+
+
+def queue_positions(expert: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each assignment's place in its expert's queue ``(M,)`` (how many earlier assignments chose
+    the same expert) and the count per expert ``(num_experts,)``, for ``expert`` ``(M,)``.
+
+    What a stable sort by expert numbers; computed as a running count over a one-hot matrix
+    ``(M, E)`` instead, because ExecuTorch and ONNX have no stable sort (exact: integer sums)."""
+    one_hot = (expert[:, None] == torch.arange(num_experts, device=expert.device)).long()
+    pos = (one_hot.cumsum(0) * one_hot).sum(1) - 1  # (M,)
+    return pos, one_hot.sum(0)
 
 
 def _valid(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -5,7 +5,8 @@ and ``forward_head(tokens) -> (B, D)`` pooled, and ``forward(x) -> TowerOutput``
 timm method names — so tests and adapters loop over towers without special cases.
 
 The audio front end reproduces torchaudio's ``MelSpectrogram`` and ``resample`` (parity-tested)
-and also runs on a live stream, chunk by chunk, with the same output (docs/AUDIO.md).
+and also runs on a live stream, chunk by chunk, with the same output (docs/AUDIO.md). For export
+it also has a form without complex numbers, :meth:`LogMel.dft_logmel` (docs/EXPORT.md).
 """
 
 from __future__ import annotations
@@ -233,12 +234,29 @@ class LogMel(nn.Module):
             power=2.0,
         )
 
+        # (2 * (n_fft // 2 + 1), n_fft): the real DFT's cos rows, then its -sin rows
+        self.register_buffer("dft", dft_basis(cfg.n_fft), persistent=False)
+
     def frames_to_logmel(self, frames: torch.Tensor) -> torch.Tensor:
         """Frames ``(B, F, n_fft)`` -> log-mel ``(B, n_mels, F)``."""
         window = self.mel.spectrogram.window
         power = torch.fft.rfft(frames * window).abs().pow(2)  # (B, F, n_fft // 2 + 1)
         mel = power @ self.mel.mel_scale.fb  # (B, F, n_mels)
         return rearrange(torch.log(mel + 1e-6), "b f m -> b m f")
+
+    def dft_logmel(self, wave: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` at the model's rate as real arithmetic only, for export: each centred
+        frame times the window-weighted real DFT basis (a ``linear``, i.e. a strided conv1d)
+        gives its real and imaginary parts (ExecuTorch lowers no complex ``abs``; XNNPACK
+        delegates the ``linear``, not a 400-wide ``conv1d``). Float32 rounding differs from
+        ``rfft``'s: ~1e-5 on noise-like clips; both are ~1e-3 from float64 on a pure tone, where
+        bands sit near the 1e-6 floor (docs/AUDIO.md). Eager keeps ``rfft``, 1.4-1.7x faster."""
+        kernel = self.dft * self.mel.spectrogram.window  # (2K, n_fft)
+        padded = F.pad(wave[:, None], (self.pad, self.pad), mode="reflect")[:, 0]  # (B, n + 2p)
+        frames = padded.unfold(-1, self.n_fft, self.hop_length)  # (B, F, n_fft)
+        real, imag = F.linear(frames, kernel.to(frames.dtype)).chunk(2, dim=-1)  # (B, F, K) each
+        mel = (real.square() + imag.square()) @ self.mel.mel_scale.fb  # (B, F, n_mels)
+        return rearrange(torch.log(mel + 1e-6), "b f m -> b m f")  # (B, n_mels, F)
 
     def forward(self, wave: torch.Tensor, sample_rate: int | None = None) -> torch.Tensor:
         wave = check_wave(wave)
@@ -256,6 +274,16 @@ class LogMel(nn.Module):
     def stream(self, sample_rate: int | None = None) -> StreamingLogMel:
         """A chunked front end equal to this one on the whole signal (see :class:`StreamingLogMel`)."""
         return StreamingLogMel(self, sample_rate)
+
+
+def dft_basis(n_fft: int) -> torch.Tensor:
+    """The real DFT as a matrix ``(2 * (n_fft // 2 + 1), n_fft)``: ``cos(2 pi k n / N)`` rows,
+    then ``-sin`` rows, so ``basis @ frame`` is ``rfft(frame)``'s real and imaginary parts.
+    Built in float64 with ``k n`` reduced mod ``N`` (exact angles), then rounded once."""
+    k = torch.arange(n_fft // 2 + 1, dtype=torch.float64)[:, None]
+    n = torch.arange(n_fft, dtype=torch.float64)[None, :]
+    angle = 2 * math.pi * torch.remainder(k * n, n_fft) / n_fft  # (K, N)
+    return torch.cat([angle.cos(), -angle.sin()]).float()
 
 
 class StreamingLogMel:
@@ -396,7 +424,7 @@ class AudioTower(nn.Module):
         mel = self.input_norm(mel)  # (B, M, F)
         x = self.subsample(mel[:, None])  # (B, C, M / 4, F / 4)
         x = self.proj(rearrange(x, "b c m f -> b f (c m)"))  # (B, F / 4, D)
-        x = x + sinusoidal_positions(x.shape[1], x.shape[2], x.device)
+        x = x + sinusoidal_positions(x.shape[1], x.shape[2], x.device).to(x.dtype)
         return self.norm(self.blocks(x))
 
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
