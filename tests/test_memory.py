@@ -72,6 +72,30 @@ def test_memory_off_is_the_plain_decoder_and_on_adds_only_memory_weights():
     ]
 
 
+def test_memory_weights_leave_every_other_initial_weight_unchanged():
+    """The memory weights draw from their own stream: the same seed gives a memory model the
+    very weights of the model without memory, modules built after the decoder included (so a
+    recipe that never runs the decoder, like itc_pretrain, trains the same with memory on)."""
+    from autoglm_phone import AutoGLMModel
+
+    def weights(memory: dict) -> dict[str, torch.Tensor]:
+        torch.manual_seed(3)
+        text = {"num_layers": 2, "hidden_size": 64, "moe": {"layers": [1]}, "memory": memory}
+        text["vocab_size"] = 128
+        config = {"text": text, "text_encoder_layers": 1}
+        return AutoGLMModel.from_pretrained("autoglm-phone-tiny", config).state_dict()
+
+    off = weights({"enabled": False})
+    on = weights({"enabled": True, "segment_len": 16, "num_slots": 4})
+    assert set(off) < set(on) and any(k.startswith("text_encoder.") for k in off)
+    for k, v in off.items():
+        torch.testing.assert_close(on[k], v, atol=0, rtol=0, msg=k)
+    again = weights({"enabled": True, "segment_len": 16, "num_slots": 4})
+    for k in set(on) - set(off):  # deterministic under the seed, and not left uninitialised
+        torch.testing.assert_close(again[k], on[k], atol=0, rtol=0, msg=k)
+        assert torch.isfinite(on[k]).all() and on[k].abs().max() < 10, k
+
+
 def test_without_carry_segments_are_independent_plain_windows():
     model = _model(carry=False)
     plain = _model(enabled=False)

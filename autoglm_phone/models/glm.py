@@ -35,7 +35,9 @@ from autoglm_phone.models.layers import (  # noqa: F401  (re-exported: the layer
     positions_from_padding,
     rope_frequencies,
 )
-from autoglm_phone.models.memory import MemoryBlock, MemoryState, SegmentRunner
+from autoglm_phone.models.memory import MemoryBlock, MemoryGate, MemoryState, SegmentRunner
+
+MEMORY_STREAM = 0x6D656D  # the memory weights' seed: torch.initial_seed() + this
 
 
 class GLMDecoder(nn.Module):
@@ -71,13 +73,18 @@ class GLMDecoder(nn.Module):
 
     def reset_memory_parameters(self) -> None:
         """Initialise the memory weights as documented (docs/MEMORY.md); nothing without memory.
-        A GLM-4 checkpoint loaded into a memory decoder keeps these."""
+        A GLM-4 checkpoint loaded into a memory decoder keeps these. They draw from their own
+        stream, seeded by ``torch.initial_seed()``: the global one is not advanced, so the other
+        weights of a model (and the modules built after it) are those it has without memory."""
+        generator = torch.Generator().manual_seed((torch.initial_seed() + MEMORY_STREAM) % 2**63)
         for layer in self.layers:
-            if hasattr(layer, "reset_memory_parameters"):
-                layer.reset_memory_parameters()
+            if isinstance(layer, MemoryBlock):
+                layer.reset_memory_parameters(generator)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, MemoryGate):
+            return  # reset_memory_parameters, from the memory's own stream
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:

@@ -106,6 +106,14 @@ class SegmentKVCache:
         return (pos[None, :] <= self.count[:, None])[:, None, None]
 
 
+class MemoryGate(nn.Linear):
+    """The write's keep-gate ``W_f``: a linear layer built without drawing random numbers (the
+    decoder's init skips it; :meth:`MemoryBlock.reset_memory_parameters` initialises it)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 class MemoryBlock(Block):
     """A GLM-4 block whose attention also reads a per-layer memory, plus the memory write.
 
@@ -125,8 +133,10 @@ class MemoryBlock(Block):
         m, c, s = cfg.memory, cfg.hidden_size, cfg.memory.num_slots
         self.self_attn.memory_read_bias = nn.Parameter(torch.zeros(cfg.num_heads))
         self.self_attn.memory_write_bias = nn.Parameter(torch.zeros(cfg.num_heads))
+        # built without drawing random numbers: reset_memory_parameters draws them from the memory's
+        # own stream, so every other weight of the model initialises exactly as without memory
         self.memory_init = nn.Parameter(torch.empty(s, c))  # distinct slots, distinct queries
-        self.memory_gate = nn.Linear(2 * c, c)
+        self.memory_gate = MemoryGate(2 * c, c)
         self.chrono_segments = m.chrono_segments
         self.gate_bias_init = 1.0 if m.gate_bias is None else m.gate_bias  # keep sigmoid(1): 73%
         # mid-segment, the slots then get 2e^2 / (2e^2 + 1) = 94% of a token's attention at init
@@ -136,15 +146,20 @@ class MemoryBlock(Block):
         # a slot's own chunk then gets e^2 / (e^2 + 1 + S / T) = 88% of its write attention
         self.write_bias_init = math.log(s) + 2.0 if m.write_bias is None else m.write_bias
 
-    def reset_memory_parameters(self) -> None:
-        """The documented init of the memory weights (also what a loaded GLM-4 checkpoint gets)."""
+    @torch.no_grad()
+    def reset_memory_parameters(self, generator: torch.Generator | None = None) -> None:
+        """The documented init of the memory weights (also what a loaded GLM-4 checkpoint gets),
+        drawn from ``generator`` (CPU) when given."""
+
+        def draw(p: torch.Tensor, fill: Callable[[torch.Tensor], torch.Tensor]) -> None:
+            p.copy_(fill(torch.empty(p.shape)))
+
         # small: the read normalises the memory, so the first write then dominates a slot
-        nn.init.normal_(self.memory_init, std=0.02)
-        nn.init.normal_(self.memory_gate.weight, std=0.02)
+        draw(self.memory_init, lambda t: t.normal_(0.0, 0.02, generator=generator))
+        draw(self.memory_gate.weight, lambda t: t.normal_(0.0, 0.02, generator=generator))
         if self.chrono_segments:  # chrono init (Tallec & Ollivier 2018): keep-times up to N
-            u = torch.empty_like(self.memory_gate.bias).uniform_(1.0, self.chrono_segments - 1)
-            with torch.no_grad():
-                self.memory_gate.bias.copy_(u.log())
+            n = self.chrono_segments
+            draw(self.memory_gate.bias, lambda t: t.uniform_(1.0, n - 1, generator=generator).log())
         else:
             nn.init.constant_(self.memory_gate.bias, self.gate_bias_init)
         nn.init.constant_(self.self_attn.memory_read_bias, self.read_bias_init)
