@@ -70,6 +70,29 @@ def test_ask_within_and_shorter_training_episodes():
     assert all(len(plan_episode(spec, "val", i)["items"]) == 12 for i in range(20))
 
 
+def test_short_captions_cue_the_key_and_the_answer_is_the_token_after_it(tokenizer):
+    """captions=short is associative recall: the prompt ends with the asked key, and the answer
+    tokens are exactly those that followed that key in the asked item's text."""
+    from autoglm_phone.data.episodes import EpisodeDataset, collate_episodes
+
+    spec = EpisodeSpec(num_items=6, min_back=2, captions="short", image_size=16, num_train=8)
+    batch = collate_episodes([EpisodeDataset(spec, "train")[i] for i in range(8)], tokenizer)
+    for i in range(8):
+        ep = plan_episode(spec, "train", i)
+        item = ep["items"][ep["asked"]]
+        key = item["text"].split()[0]
+        assert ep["cue"] == f" {key}" and item["text"] == f" {key} {ep['answer']}."
+        assert ep["attribute"] in {"colour", "count"} and parse_item_text(item["text"]) == {
+            ep["attribute"]: ep["answer"]
+        }
+        caption = batch["items"][i][ep["asked"]][2]  # token ids of " key value."
+        cue = tokenizer(ep["cue"], add_special_tokens=False)["input_ids"]
+        assert batch["question_ids"][i][-len(cue) :] == cue == caption[: len(cue)]
+        answer = batch["answer_ids"][i][:-1]  # without the end of text
+        assert caption[len(cue) : len(cue) + len(answer)] == answer
+        assert tokenizer.decode(answer).strip() == ep["answer"]
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, cache_dir):
     out = tmp_path_factory.mktemp("episodes")

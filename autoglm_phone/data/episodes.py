@@ -86,7 +86,8 @@ class EpisodeSpec:
     ask_within: int = 0  # > 0: the asked item is among the first ask_within items
     train_min_items: int = 0  # > 0: training episodes have train_min_items..num_items items
     # "full": " the first item: <caption>."; "short": " first red." (key, then its value, as
-    # in associative recall) and questions only about SHORT_ATTRIBUTES
+    # in associative recall), questions only about SHORT_ATTRIBUTES, and the reply opens with
+    # the asked key (the cue, " first"), so the answer (" red") is the token that followed it
     captions: str = "full"
     image_size: int = 64
     sample_rate: int = 16000
@@ -132,9 +133,11 @@ def answer_word(attribute: str, value: Any) -> str:
 
 def plan_episode(spec: EpisodeSpec, split: str, index: int) -> dict[str, Any]:
     """The episode's text and facts, without media: ``items`` (``modality``, ``attributes``,
-    ``text``), ``question``, ``answer``, ``asked`` (the item's position), ``attribute``,
-    ``items_back`` (items from the asked one to the question: 1 is the last item) and ``num_choices`` (how many
-    answers the attribute has: chance is ``1 / num_choices``)."""
+    ``text``), ``question``, ``cue`` (text that opens the reply, in the prompt: ``""`` or the
+    asked key), ``answer`` (the word), ``answer_text`` (the reply after the cue, as tokenized),
+    ``asked`` (the item's position), ``attribute``, ``items_back`` (items from the asked one to
+    the question: 1 is the last item) and ``num_choices`` (how many answers the attribute has:
+    chance is ``1 / num_choices``)."""
     plan, _ = _rngs(spec, split, index)
     n = spec.num_items
     if split == "train" and spec.train_min_items:
@@ -155,13 +158,19 @@ def plan_episode(spec: EpisodeSpec, split: str, index: int) -> dict[str, Any]:
     attribute = sorted(QUESTIONS[item["modality"]])[
         int(plan.integers(len(QUESTIONS[item["modality"]])))
     ]
-    if spec.captions == "short":
+    answer = answer_word(attribute, item["attributes"][attribute])
+    cue, answer_text = "", answer
+    if spec.captions == "short":  # the reply opens with the key: the answer is what followed it
         attribute = SHORT_ATTRIBUTES[item["modality"]]
+        answer = answer_word(attribute, item["attributes"][attribute])
+        cue, answer_text = f" {ORDINALS[asked]}", f" {answer}"
     return {
         "index": index,
         "items": items,
         "question": QUESTIONS[item["modality"]][attribute].format(item=item["name"]),
-        "answer": answer_word(attribute, item["attributes"][attribute]),
+        "cue": cue,
+        "answer": answer,
+        "answer_text": answer_text,
         "asked": asked,
         "attribute": attribute,
         "items_back": n - asked,
@@ -246,9 +255,10 @@ def collate_episodes(
     Keys: ``modality`` (``"episode"``), ``media`` (``{"image": (M, 3, H, W) uint8 or float,
     "audio": (M, T)}``, present modalities only), ``sample_rate``, ``head_ids`` (the tokenizer's
     ``[gMASK]<sop>``), ``items`` (per episode ``(modality, row in media[modality], caption
-    ids)``), ``question_ids`` (the chat turn up to ``<|assistant|>\\n``), ``answer_ids`` (answer
-    + end of text), and the facts ``question``, ``answer``, ``caption`` (= ``answer``, one per
-    episode), ``attribute``, ``asked``, ``items_back``, ``num_choices`` (tensors ``(B,)``).
+    ids)``), ``question_ids`` (the chat turn up to ``<|assistant|>\\n``, then the cue),
+    ``answer_ids`` (``answer_text`` + end of text), and the facts ``question``, ``answer``,
+    ``caption`` (= ``answer``, one per episode), ``attribute``, ``asked``, ``items_back``,
+    ``num_choices`` (tensors ``(B,)``).
     ``image_size`` resizes images (bilinear) when it differs from the rendered size."""
     if tokenizer.eos_token is None:
         raise ValueError("the tokenizer needs an end-of-text token to close the answers")
@@ -265,8 +275,8 @@ def collate_episodes(
     ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"])
     items = [[(m, r, next(ids)) for m, r, _ in row] for row in items]
     head = tokenizer("")["input_ids"]  # [gMASK]<sop>, as every tokenized sequence starts
-    prompts = [format_chat(ep["question"], media=()) for ep in episodes]
-    answers = [ep["answer"] + tokenizer.eos_token for ep in episodes]
+    prompts = [format_chat(ep["question"], media=()) + ep["cue"] for ep in episodes]
+    answers = [ep["answer_text"] + tokenizer.eos_token for ep in episodes]
     stacked = {m: torch.stack(v) for m, v in media.items() if v}
     images = stacked.get("image")
     if images is not None and image_size and images.shape[-1] != image_size:
