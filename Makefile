@@ -15,9 +15,9 @@ $(VENV)/.installed: pyproject.toml requirements/lock.txt | $(BIN)/python
 	$(PIP) -e '.[train]'
 	touch $@
 
-# the default suite includes the export tests, so the test install has the export extra
+# the default suite includes the export and server tests, so the test install has those extras
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) -e '.[train,test,export]'
+	$(PIP) -e '.[train,test,export,serve]'
 	touch $@
 
 ## quickstart: install, train itc_pretrain on the embedded data, evaluate on the test split

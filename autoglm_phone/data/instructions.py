@@ -37,7 +37,10 @@ from autoglm_phone.data.synthetic import (
     parse_caption,
 )
 
-USER, ASSISTANT = "<|user|>", "<|assistant|>"
+USER, ASSISTANT, SYSTEM = "<|user|>", "<|assistant|>", "<|system|>"
+ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+# GLM-4.5 / GLM-Z1 mark the reasoning before an answer with these (plain text to our tokenizer)
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 MEDIA_PLACEHOLDERS = {"image": "<|image|>", "audio": "<|audio|>"}
 MODALITY_MEDIA = {"image": ("image",), "audio": ("audio",), "av": ("image", "audio")}
 
@@ -137,19 +140,75 @@ def parse_answer(modality: str, prompt: str, response: str) -> dict[str, Any]:
 
 
 def format_chat(
-    prompt: str, response: str | None = None, media: Sequence[str] = ("image",), eos: str = ""
+    prompt: str,
+    response: str | None = None,
+    media: Sequence[str] = ("image",),
+    eos: str = "",
+    thinking: bool = False,
 ) -> str:
     """One user turn and, if given, the assistant's ``response`` followed by ``eos``.
 
     Without a response the text ends after ``<|assistant|>\\n``: the prompt a server sends to
     ``generate``. ``media`` names the placeholders to put before the prompt (``()`` for none).
+    ``thinking`` opens the answer with :data:`THINK_OPEN`, so the model writes its reasoning,
+    :data:`THINK_CLOSE`, then the answer (:func:`split_reasoning` takes them apart).
     """
-    unknown = [m for m in media if m not in MEDIA_PLACEHOLDERS]
-    if unknown:
-        raise ValueError(f"unknown media {unknown}; expected some of {tuple(MEDIA_PLACEHOLDERS)}")
-    placeholders = "".join(MEDIA_PLACEHOLDERS[m] for m in media)
-    text = f"{USER}\n{placeholders}{prompt}{ASSISTANT}\n"
+    return format_conversation([("user", prompt, tuple(media))], response, eos, thinking)
+
+
+def format_conversation(
+    turns: Sequence[tuple[str, str, Sequence[str]]],
+    response: str | None = None,
+    eos: str = "",
+    thinking: bool = False,
+) -> str:
+    """Several turns in GLM-4's chat format: ``(role, text, media)`` with role ``system``,
+    ``user`` or ``assistant`` (media on user turns only), then ``<|assistant|>\\n`` to answer.
+
+    A single user turn is exactly :func:`format_chat`'s text."""
+    parts = []
+    for role, text, media in turns:
+        if role not in ROLE_TOKENS:
+            raise ValueError(f"unknown role {role!r}; expected one of {tuple(ROLE_TOKENS)}")
+        unknown = [m for m in media if m not in MEDIA_PLACEHOLDERS]
+        if unknown:
+            raise ValueError(
+                f"unknown media {unknown}; expected some of {tuple(MEDIA_PLACEHOLDERS)}"
+            )
+        if media and role != "user":
+            raise ValueError(f"media belong to user turns, not {role!r}")
+        placeholders = "".join(MEDIA_PLACEHOLDERS[m] for m in media)
+        parts.append(f"{ROLE_TOKENS[role]}\n{placeholders}{text}")
+    text = "".join(parts) + f"{ASSISTANT}\n" + (THINK_OPEN if thinking else "")
     return text if response is None else text + response + eos
+
+
+def split_reasoning(text: str, thinking: bool, final: bool = True) -> tuple[str, str]:
+    """``(reasoning, answer)`` of generated ``text``.
+
+    The reasoning runs from the start (``thinking``: the prompt opened it) or from a leading
+    :data:`THINK_OPEN` the model wrote, up to :data:`THINK_CLOSE`; without a close (the length
+    limit cut it short) everything is reasoning. While ``text`` is still growing
+    (``final=False``) a tail that may be the start of a tag is held back, so the parts of a
+    longer text always extend those of a shorter one (streamed deltas add up to the final split).
+    """
+    if thinking:
+        start = 0
+    elif text.startswith(THINK_OPEN):
+        start = len(THINK_OPEN)
+    elif not final and THINK_OPEN.startswith(text):
+        return "", ""  # may still become <think>
+    else:
+        return "", text
+    end = text.find(THINK_CLOSE, start)
+    if end >= 0:
+        return text[start:end], text[end + len(THINK_CLOSE) :].lstrip("\n")
+    reasoning = text[start:]
+    if not final:
+        for k in range(len(THINK_CLOSE) - 1, 0, -1):
+            if reasoning.endswith(THINK_CLOSE[:k]):
+                return reasoning[:-k], ""
+    return reasoning, ""
 
 
 def tokenize_chat(
