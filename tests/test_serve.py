@@ -679,3 +679,35 @@ def test_api_key(backend):
     finally:
         s.stop()
         engine.close()
+
+
+def test_serve_entry_config_builds_the_server_for_a_saved_folder(tiny, tokenizer, tmp_path):
+    """conf/serve.yaml -> app/serve.build: a saved folder served under the configured name and
+    key; a missing path and an exported folder are refused by name."""
+    from conftest import compose_config
+
+    from autoglm_phone.app.serve import build
+
+    folder = tiny.save_pretrained(tmp_path / "model", tokenizer=tokenizer)
+    cfg = compose_config(
+        "serve", [f"ckpt_path={folder}", "model_name=mine", "api_key=k", "max_batch_size=2"]
+    )
+    app, engine = build(cfg)
+    assert engine.max_batch_size == 2 and engine.backend.context_window == tiny.cfg.text.max_seq_len
+    s = Server(app)
+    try:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="k", max_retries=0)
+        assert [m.id for m in c.models.list().data] == ["mine"]
+        out = c.chat.completions.create(
+            model="mine", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+        assert out.usage.completion_tokens <= 2
+    finally:
+        s.stop()
+        engine.close()
+    with pytest.raises(SystemExit, match="nothing to serve"):
+        build(compose_config("serve", [f"ckpt_path={tmp_path / 'missing.ckpt'}"]))
+    (tmp_path / "exported").mkdir()
+    (tmp_path / "exported" / "manifest.json").write_text("{}")
+    with pytest.raises(SystemExit, match="exported folder"):
+        build(compose_config("serve", [f"ckpt_path={tmp_path / 'exported'}"]))
