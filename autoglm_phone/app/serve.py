@@ -30,7 +30,9 @@ def build(cfg: DictConfig) -> tuple[Any, Engine]:
             f"nothing to serve at {path}: train one first (make quickstart) or pass ckpt_path="
         )
     if path.is_dir() and (path / MANIFEST_NAME).is_file():
-        raise SystemExit(f"{path} is an exported folder; serving exported artifacts is not built yet")
+        raise SystemExit(
+            f"{path} is an exported folder; serving exported artifacts is not built yet"
+        )
     kwargs = {k: cfg[k] for k in ("max_text_len", "audio_seconds") if cfg[k] is not None}
     backend = EagerBackend.from_path(
         path, device=device_of(cfg.device), context_window=cfg.context_window, **kwargs
