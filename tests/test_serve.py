@@ -8,10 +8,8 @@ import asyncio
 import base64
 import io
 import json
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -20,12 +18,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-import uvicorn
 from PIL import Image
 
 from autoglm_phone.data.decode import decode_audio, decode_image
 from autoglm_phone.data.instructions import format_chat, format_conversation, split_reasoning
 from autoglm_phone.serve import EagerBackend, Engine, MediaLimits, ServeSettings, create_app
+from autoglm_phone.serve.background import BackgroundServer as Server
 from autoglm_phone.serve.text import TextStream
 
 openai = pytest.importorskip("openai")
@@ -36,29 +34,6 @@ LIMITS = MediaLimits(max_image_pixels=128 * 128, max_audio_seconds=2.0, max_medi
 
 
 # -- servers -------------------------------------------------------------------------------------
-class Server:
-    """A uvicorn server for ``app`` on a free local port, in a thread."""
-
-    def __init__(self, app) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]})
-        self.thread.start()
-        for _ in range(500):
-            if self.server.started:
-                break
-            time.sleep(0.01)
-        assert self.server.started
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
-
-
 @pytest.fixture(scope="module")
 def backend(tiny, tokenizer):
     return EagerBackend(tiny, tokenizer, context_window=256)
