@@ -17,6 +17,12 @@ placeholders marking which media the turn refers to; the media tokens themselves
 :meth:`AutoGLMModel.build_prefix` puts in front of the text. Only the response and the closing
 end-of-text token are trained on (:func:`tokenize_chat`'s ``loss_mask``); the end-of-text token
 is what ``generate`` stops on.
+
+:func:`format_conversation` lays out several turns (``<|system|>``, ``<|user|>``,
+``<|assistant|>``) the same way, as a server receives them. With ``thinking`` the answer opens
+with ``<think>`` (GLM-4.5's reasoning marker): the model writes its reasoning, ``</think>``, then
+the answer, and :func:`split_reasoning` takes the two apart. The pairs here have no reasoning
+yet, so no recipe trains it.
 """
 
 from __future__ import annotations
