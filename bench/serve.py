@@ -134,6 +134,7 @@ def main() -> None:
             requests = max(1, (16 if args.quick else 32) // clients)
             for _ in range(repeats):
                 for mode in ("off", "on"):  # interleaved: the same machine state for both
+                    engines[mode].stats["max_batch"] = 0
                     m = asyncio.run(load(servers[mode].url, clients, requests, tokens))
                     m["max_batch"] = engines[mode].stats["max_batch"]
                     rows[mode][clients].append(m)

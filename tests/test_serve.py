@@ -686,3 +686,28 @@ def test_serve_entry_config_builds_the_server_for_a_saved_folder(tiny, tokenizer
     (tmp_path / "exported" / "manifest.json").write_text("{}")
     with pytest.raises(SystemExit, match="exported folder"):
         build(compose_config("serve", [f"ckpt_path={tmp_path / 'exported'}"]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_server_on_a_gpu_answers_as_on_the_cpu(backend, client, tiny, tokenizer):
+    """The same weights on cuda: greedy chat answers and embeddings equal the CPU server's."""
+    import copy
+
+    gpu = EagerBackend(copy.deepcopy(tiny).cuda(), tokenizer, context_window=256)
+    engine = Engine(gpu, max_batch_size=4)
+    s = _serve(engine)
+    try:
+        g = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+        content = [image_part(png(seed=5)), {"type": "text", "text": "Describe the image."}]
+        kw = dict(model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=8)
+        assert (
+            g.chat.completions.create(**kw).choices[0].message.content
+            == client.chat.completions.create(**kw).choices[0].message.content
+        )
+        on_gpu = g.embeddings.create(model=MODEL, input=["a red circle"]).data[0].embedding
+        on_cpu = client.embeddings.create(model=MODEL, input=["a red circle"]).data[0].embedding
+        np.testing.assert_allclose(on_gpu, on_cpu, atol=1e-4)
+    finally:
+        s.stop()
+        engine.close()
