@@ -8,8 +8,6 @@ import asyncio
 import base64
 import io
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -141,17 +139,6 @@ def sse_events(response: httpx.Response) -> list:
 
 
 # -- the library -----------------------------------------------------------------------------------
-def test_the_library_imports_no_training_app():
-    code = (
-        "import sys, autoglm_phone.serve\n"
-        "print(sorted({m.split('.')[0] for m in sys.modules} & "
-        "{'lightning', 'pytorch_lightning', 'hydra', 'omegaconf'}))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "[]"
-
-
 def test_conversation_format_and_reasoning_split():
     assert format_conversation([("user", "Hi?", ("image",))]) == format_chat("Hi?")
     text = format_conversation(

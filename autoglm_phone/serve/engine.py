@@ -241,7 +241,10 @@ class Job:
         return self._cancelled.is_set()
 
     def _post(self, event: tuple) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the request's loop is closed: the server has stopped
+            pass
 
     def _delta(self, reasoning: str, content: str) -> None:
         if reasoning or content:
@@ -378,6 +381,9 @@ class Engine:
                 return jobs
 
     def _still_wanted(self, job: Job) -> bool:
+        if self._closing:
+            job._fail(overloaded("the server is shutting down"))
+            return False
         if job.cancelled:
             self.stats["cancelled"] += 1
             job._finish("cancelled")
