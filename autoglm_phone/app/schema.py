@@ -78,6 +78,8 @@ class DataConfig:
     # instruction batches (chat format, autoglm_phone/data/instructions.py) beside the captions
     instructions: bool = False
     max_chat_len: int = 64
+    # instruction responses reason first (what the media show), then answer (docs/SERVE.md)
+    thinking: bool = False
 
 
 @dataclass

@@ -21,8 +21,9 @@ is what ``generate`` stops on.
 :func:`format_conversation` lays out several turns (``<|system|>``, ``<|user|>``,
 ``<|assistant|>``) the same way, as a server receives them. With ``thinking`` the answer opens
 with ``<think>`` (GLM-4.5's reasoning marker): the model writes its reasoning, ``</think>``, then
-the answer, and :func:`split_reasoning` takes the two apart. The pairs here have no reasoning
-yet, so no recipe trains it.
+the answer, and :func:`split_reasoning` takes the two apart. ``instructions_for(...,
+thinking=True)`` gives the pairs that teach it: the reasoning lists what the sample shows and
+sounds like (its captions), then the answer follows (``experiment=caption_sft_thinking``).
 """
 
 from __future__ import annotations
@@ -93,12 +94,16 @@ def _parts(modality: str, record: Mapping[str, Any]) -> dict[str, Mapping[str, A
     return {modality: attributes}
 
 
-def instructions_for(modality: str, record: Mapping[str, Any]) -> list[tuple[str, str]]:
+def instructions_for(
+    modality: str, record: Mapping[str, Any], thinking: bool = False
+) -> list[tuple[str, str]]:
     """Every (prompt, response) pair for one sample, in a fixed order.
 
     ``record`` is a jsonl record (``caption`` and ``attributes``) or a ``SyntheticDataset`` item
     (``caption`` only: the attributes are parsed from it). ``av`` samples get the image and the
-    audio questions plus :data:`SCENE_PROMPT`.
+    audio questions plus :data:`SCENE_PROMPT`. With ``thinking`` each response is
+    :func:`reasoning_for` the sample, :data:`THINK_CLOSE`, then the answer (the prompt side is
+    ``format_chat(..., thinking=True)``, which opens the reasoning).
     """
     parts = _parts(modality, record)
     pairs = []
@@ -106,7 +111,27 @@ def instructions_for(modality: str, record: Mapping[str, Any]) -> list[tuple[str
         pairs.append((SCENE_PROMPT, av_caption(parts["image"], parts["audio"])))
     for part, attributes in parts.items():
         pairs += [(q, _answer(attr, attributes, part)) for q, attr in QUESTIONS[part]]
+    if thinking:
+        reasoning = reasoning_for(modality, record)
+        pairs = [(q, with_reasoning(reasoning, a)) for q, a in pairs]
     return pairs
+
+
+def reasoning_for(modality: str, record: Mapping[str, Any]) -> str:
+    """What a thinking answer reasons first: what the model sees and hears, whatever the
+    question (``I see three small red circles on the left. I hear ...``), so the answer can be
+    read off it."""
+    said = {"image": ("I see", image_caption), "audio": ("I hear", audio_caption)}
+    return " ".join(
+        f"{said[part][0]} {said[part][1](attributes)}."
+        for part, attributes in _parts(modality, record).items()
+    )
+
+
+def with_reasoning(reasoning: str, answer: str) -> str:
+    """A thinking response: the reasoning, :data:`THINK_CLOSE`, the answer on a new line (the
+    prompt already opened :data:`THINK_OPEN`)."""
+    return f"{reasoning}{THINK_CLOSE}\n{answer}"
 
 
 def _parse_value(part: str, attribute: str, response: str) -> dict[str, Any]:
@@ -223,6 +248,7 @@ def tokenize_chat(
     responses: Sequence[str],
     media: Sequence[str] = ("image",),
     max_length: int | None = None,
+    thinking: bool = False,
 ) -> dict[str, torch.Tensor]:
     """A right-padded chat batch from a Hugging Face tokenizer.
 
@@ -230,13 +256,15 @@ def tokenize_chat(
     tokenized apart and concatenated, so the prompt's ids are exactly what a server gets for
     ``format_chat(prompt)``. Returns ``input_ids`` ``(B, T)`` int64, ``attention_mask`` and
     ``loss_mask`` ``(B, T)`` bool (True on the response tokens and the closing eos only). Rows
-    longer than ``max_length`` are cut on the right.
+    longer than ``max_length`` are cut on the right. ``thinking`` ends the prompts with
+    :data:`THINK_OPEN` (the responses then hold reasoning, see :func:`instructions_for`).
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     if tokenizer.eos_token is None or tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer needs an eos and a pad token")
-    heads = tokenizer([format_chat(p, media=media) for p in prompts])["input_ids"]
+    heads = tokenizer([format_chat(p, media=media, thinking=thinking) for p in prompts])
+    heads = heads["input_ids"]
     answers = [r + tokenizer.eos_token for r in responses]
     tails = tokenizer(answers, add_special_tokens=False)["input_ids"]
     rows = [(h + r)[:max_length] for h, r in zip(heads, tails, strict=True)]
