@@ -237,6 +237,7 @@ class ServeConfig:
     max_audio_seconds: float = 30.0
     max_media: int = 8  # images + audio clips per request
     default_max_tokens: int = 64  # when a request sets no max_tokens
+    default_temperature: float = 0.0  # when a request sets none (0: greedy)
     context_window: int | None = None  # None: the decoder's max_seq_len
     max_text_len: int | None = None  # embeddings; None: the checkpoint's data.max_text_len, else 32
     audio_seconds: float | None = None  # None: the checkpoint's data.audio_seconds, else 1.0

@@ -50,6 +50,7 @@ def build(cfg: DictConfig) -> tuple[Any, Engine]:
         limits=MediaLimits(cfg.max_image_pixels, cfg.max_audio_seconds, cfg.max_media),
         request_timeout_s=cfg.request_timeout_s,
         default_max_tokens=cfg.default_max_tokens,
+        default_temperature=cfg.default_temperature,
     )
     return create_app(engine, settings), engine
 
