@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 PIP     := $(BIN)/pip install --constraint requirements/lock.txt
 OVERRIDES ?=
 
-.PHONY: quickstart test test-all lint format bench clean
+.PHONY: quickstart test test-all lint format bench serve clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -15,9 +15,9 @@ $(VENV)/.installed: pyproject.toml requirements/lock.txt | $(BIN)/python
 	$(PIP) -e '.[train]'
 	touch $@
 
-# the default suite includes the export tests, so the test install has the export extra
+# the default suite includes the export and server tests, so the test install has those extras
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) -e '.[train,test,export]'
+	$(PIP) -e '.[train,test,export,serve]'
 	touch $@
 
 ## quickstart: install, train itc_pretrain on the embedded data, evaluate on the test split
@@ -34,6 +34,14 @@ test: $(VENV)/.installed-test
 ## test-all: every test, slow ones included (GPU tests skip themselves without a GPU)
 test-all: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q
+
+## serve: the OpenAI-compatible server for the quickstart checkpoint on 127.0.0.1:8000 (docs/SERVE.md)
+serve: $(VENV)/.installed-serve
+	$(BIN)/python serve.py $(OVERRIDES)
+
+$(VENV)/.installed-serve: $(VENV)/.installed
+	$(PIP) -e '.[train,serve]'
+	touch $@
 
 ## bench: the benchmarks' quick versions (tables on stdout, JSON under outputs/bench/)
 bench: $(VENV)/.installed

@@ -159,6 +159,7 @@ TRAIN_ONLY += ("tensorboard", "tensorboard_data_server", "matplotlib")  # the [t
 IMPORT_CHECK = """
 import sys
 import autoglm_phone
+import autoglm_phone.serve  # the server library (docs/SERVE.md) too
 for path in sys.argv[1:]:
     loaded = autoglm_phone.load_model(path)
     print(type(loaded.model).__name__, len(loaded.tokenizer))
@@ -207,9 +208,10 @@ def test_loader_needs_no_training_packages(tiny, tokenizer, tmp_path):
 
 
 def test_import_loads_no_training_package(tiny, tokenizer, tmp_path):
-    """With everything installed, ``import autoglm_phone`` and ``load_model`` (folder and
-    checkpoint) import none of Lightning, Hydra, OmegaConf, TensorBoard or matplotlib. (wandb is
-    left out here: timm imports it whenever it is installed; the slow test above runs without.)"""
+    """With everything installed, ``import autoglm_phone``, ``autoglm_phone.serve`` and
+    ``load_model`` (folder and checkpoint) import none of Lightning, Hydra, OmegaConf,
+    TensorBoard or matplotlib. (wandb is left out here: timm imports it whenever it is
+    installed; the slow test above runs without.)"""
     folder = tiny.save_pretrained(tmp_path / "model", tokenizer=tokenizer)
     ckpt = _write_ckpt(tmp_path / "last.ckpt", tiny, tokenizer)
     names = set(TRAIN_ONLY) - {"wandb"}

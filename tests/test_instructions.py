@@ -16,6 +16,8 @@ from autoglm_phone.data.instructions import (
     format_chat,
     instructions_for,
     parse_answer,
+    reasoning_for,
+    split_reasoning,
     tokenize_chat,
 )
 from autoglm_phone.data.synthetic import (
@@ -143,6 +145,31 @@ def test_chat_round_trips_and_loss_mask_is_the_response(tokenizer, modality):
     head = tok(format_chat(prompts[0], media=media))["input_ids"]
     short = tokenize_chat(tok, prompts[:1], responses[:1], media=media, max_length=len(head) + 1)
     assert short["input_ids"].shape[1] == len(head) + 1 and short["loss_mask"].sum() == 1
+
+
+@pytest.mark.parametrize("modality", ["image", "audio", "av"])
+def test_thinking_pairs_reason_from_the_captions_then_answer(tokenizer, modality):
+    """The thinking variant: the prompt opens <think>, the trained response is the reasoning
+    (what the sample shows / sounds like), </think>, then the plain answer, which the server's
+    split_reasoning gives back and parse_answer still reads."""
+    record = generate_sample(SPEC, modality, "train", 2)["record"]
+    plain = instructions_for(modality, record)
+    thinking = instructions_for(modality, record, thinking=True)
+    reasoning = reasoning_for(modality, record)
+    if modality in ("image", "av"):
+        assert f"I see {record.get('image_caption', record['caption'])}." in reasoning
+    if modality in ("audio", "av"):
+        assert f"I hear {record.get('audio_caption', record['caption'])}." in reasoning
+    for (p, answer), (q, response) in zip(plain, thinking, strict=True):
+        assert p == q and split_reasoning(response, thinking=True) == (reasoning, answer)
+        parse_answer(modality, p, split_reasoning(response, thinking=True)[1])
+    prompts, responses = zip(*thinking, strict=True)
+    media = MODALITY_MEDIA[modality]
+    batch = tokenize_chat(tokenizer, prompts, responses, media=media, thinking=True)
+    head = tokenizer(format_chat(prompts[0], media=media, thinking=True))["input_ids"]
+    assert tokenizer.decode(head).endswith("<|assistant|>\n<think>")
+    row = batch["input_ids"][0][batch["loss_mask"][0]]
+    assert tokenizer.decode(row) == responses[0] + tokenizer.eos_token
 
 
 def test_prefix_lm_loss_by_hand():

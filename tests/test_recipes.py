@@ -29,6 +29,7 @@ EXPECTED = {  # experiment -> losses it must log for each modality
     "itc_pretrain": ["itc"],
     "itm_mlm_pretrain": ["itc", "itm", "mlm"],
     "caption_sft": ["lm"],
+    "caption_sft_thinking": ["lm"],
     "lora_finetune": ["lm"],
     "freeze_then_unfreeze": ["itc"],
     "distill": ["itc", "distill"],
@@ -63,7 +64,12 @@ def test_every_recipe_has_an_expectation():
 def test_experiment_fast_dev_run(experiment, base_run, tmp_path, cache_dir):
     base_ckpt = base_run["ckpt_path"]
     extra = ["trainer.fast_dev_run=2"]
-    if experiment in ("caption_sft", "lora_finetune", "freeze_then_unfreeze"):
+    if experiment in (
+        "caption_sft",
+        "caption_sft_thinking",
+        "lora_finetune",
+        "freeze_then_unfreeze",
+    ):
         extra.append(f"init_from={base_ckpt}")
     if experiment == "distill":
         extra.append(f"objective.distill.teacher_ckpt={base_ckpt}")

@@ -44,7 +44,7 @@ class Collate:
     item ``i`` asks question ``i mod n`` of its n questions, so every question is asked equally
     often and a resumed run sees the same pairs (no random state). Without ``questions`` (real
     data: no attributes to ask about) every item is a captioning pair: the describe prompt and
-    its caption.
+    its caption. With ``thinking`` the responses reason first (``instructions_for``).
     """
 
     def __init__(
@@ -55,10 +55,15 @@ class Collate:
         image_size: int,
         max_chat_len: int | None = None,
         questions: bool = True,
+        thinking: bool = False,
     ) -> None:
+        if thinking and not questions:
+            raise ValueError(
+                "data.thinking needs a source with attributes to reason about (data=synthetic)"
+            )
         self.modality, self.tokenizer = modality, tokenizer
         self.max_text_len, self.image_size = max_text_len, image_size
-        self.max_chat_len, self.questions = max_chat_len, questions
+        self.max_chat_len, self.questions, self.thinking = max_chat_len, questions, thinking
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         captions = [it["caption"] for it in items]
@@ -85,14 +90,15 @@ class Collate:
         )
         if self.max_chat_len:
             if self.questions:
-                pairs = [instructions_for(self.modality, it) for it in items]
+                pairs = [instructions_for(self.modality, it, self.thinking) for it in items]
                 chosen = [p[int(it["index"]) % len(p)] for p, it in zip(pairs, items, strict=True)]
             else:
                 chosen = [(DESCRIBE[self.modality], c) for c in captions]
             prompts, responses = [list(x) for x in zip(*chosen, strict=True)]
             chat = tokenize_chat(
-                self.tokenizer, prompts, responses, (self.modality,), self.max_chat_len
-            )
+                self.tokenizer, prompts, responses, (self.modality,), self.max_chat_len,
+                thinking=self.thinking,
+            )  # fmt: skip
             batch.update({f"chat_{k}": v for k, v in chat.items()})
             batch.update(prompt=prompts, response=responses)
         if self.modality == "image":
@@ -208,6 +214,7 @@ class MultiModalDataModule(L.LightningDataModule):
             self.image_size,
             self.cfg.max_chat_len if self.cfg.instructions else None,
             questions=self.source.has_questions,
+            thinking=self.cfg.thinking and self.cfg.instructions,
         )
 
     def _train_sampler(self, dataset: Dataset, modality: str) -> ResumableSampler:

@@ -78,6 +78,8 @@ class DataConfig:
     # instruction batches (chat format, autoglm_phone/data/instructions.py) beside the captions
     instructions: bool = False
     max_chat_len: int = 64
+    # instruction responses reason first (what the media show), then answer (docs/SERVE.md)
+    thinking: bool = False
 
 
 @dataclass
@@ -217,6 +219,31 @@ class ExportConfig:
     task_name: str = "export"
 
 
+@dataclass
+class ServeConfig:
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    ckpt_path: str | None = None  # a training checkpoint or a save_pretrained folder
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_name: str = "autoglm-phone"  # the id clients ask for (GET /v1/models)
+    api_key: str | None = None  # None: no key asked for (conf/serve.yaml reads AUTOGLM_API_KEY)
+    device: str = "auto"  # auto: cuda if present, else cpu
+    max_batch_size: int = 8  # requests decoded together; 1 turns batching off
+    batch_wait_ms: float = 5.0  # how long a batch waits for more requests
+    max_queue: int = 64  # waiting requests; more are answered 503
+    request_timeout_s: float = 300.0
+    max_body_mb: float = 32.0
+    max_image_pixels: int = 4096 * 4096
+    max_audio_seconds: float = 30.0
+    max_media: int = 8  # images + audio clips per request
+    default_max_tokens: int = 64  # when a request sets no max_tokens
+    default_temperature: float = 0.0  # when a request sets none (0: greedy)
+    context_window: int | None = None  # None: the decoder's max_seq_len
+    max_text_len: int | None = None  # embeddings; None: the checkpoint's data.max_text_len, else 32
+    audio_seconds: float | None = None  # None: the checkpoint's data.audio_seconds, else 1.0
+    task_name: str = "serve"
+
+
 def _schema(cls: type) -> Any:
     """Structured node for ``cls`` with the decoder's derived sizes left unset (None)."""
     node = OmegaConf.structured(cls)
@@ -231,3 +258,4 @@ def register_schemas() -> None:
     cs.store(name="train_schema", node=_schema(TrainConfig))
     cs.store(name="eval_schema", node=_schema(EvalConfig))
     cs.store(name="export_schema", node=_schema(ExportConfig))
+    cs.store(name="serve_schema", node=_schema(ServeConfig))

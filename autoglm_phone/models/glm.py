@@ -278,11 +278,41 @@ class GLMDecoder(nn.Module):
         generator: torch.Generator | None,
     ) -> Iterator[torch.Tensor]:
         """:meth:`stream`'s loop, on checked arguments."""
+        hidden, step = self.begin_decode(
+            input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens, mode=mode,
+        )  # fmt: skip
+        stop = torch.tensor(list(stop_token_ids), dtype=torch.long, device=hidden.device)
+        done = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+        for _ in range(max_new_tokens):
+            token = sample_next_token(self.lm_head(hidden), **sampling, generator=generator)  # (B,)
+            token = token.masked_fill(done, self.cfg.pad_token_id)
+            done = done | torch.isin(token, stop)
+            yield token
+            if done.all():
+                return
+            hidden = step(self.embed_tokens(token[:, None]))  # (B, 1, C) -> (B, C)
+
+    @torch.no_grad()
+    def begin_decode(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        mode: AttentionMode | str = AttentionMode.PREFIX,
+    ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """Encode a left-padded prompt for a caller-driven decoding loop (a server's, which
+        samples each row its own way and stops rows one by one): the last position's hidden
+        state ``(B, C)`` (``lm_head`` gives the first logits) and ``step``, which takes the next
+        tokens' embeddings ``(B, 1, C)`` to their hidden states ``(B, C)``. :meth:`stream` is this
+        loop with one sampler for every row."""
         mode = AttentionMode(mode)
         if mode is AttentionMode.BIDIRECTIONAL:
             raise ValueError("generation needs mode 'prefix' or 'causal', not 'bidirectional'")
         x = self._embed(input_ids, inputs_embeds)  # (B, T, C)
-        b, t = x.shape[:2]
+        t = x.shape[1]
         if t + max_new_tokens > self.cfg.max_seq_len and not self.cfg.memory.enabled:
             raise ValueError(
                 f"prompt ({t}) + max_new_tokens ({max_new_tokens}) exceeds "
@@ -292,17 +322,7 @@ class GLMDecoder(nn.Module):
         if (padding.long().cummax(-1).values != padding.long()).any():
             raise ValueError("generation needs left-padded prompts (no padding after a real token)")
         prefix_lengths = padding.sum(-1) if mode is AttentionMode.PREFIX else None  # whole prompt
-        hidden, step = self._prefill(x, padding, mode, prefix_lengths, max_new_tokens)  # (B, C)
-        stop = torch.tensor(list(stop_token_ids), dtype=torch.long, device=x.device)
-        done = torch.zeros(b, dtype=torch.bool, device=x.device)
-        for _ in range(max_new_tokens):
-            token = sample_next_token(self.lm_head(hidden), **sampling, generator=generator)  # (B,)
-            token = token.masked_fill(done, self.cfg.pad_token_id)
-            done = done | torch.isin(token, stop)
-            yield token
-            if done.all():
-                return
-            hidden = step(self.embed_tokens(token[:, None]))  # (B, 1, C) -> (B, C)
+        return self._prefill(x, padding, mode, prefix_lengths, max_new_tokens)
 
     def _prefill(
         self,
