@@ -270,7 +270,7 @@ class MoEFeedForward(nn.Module):
             take = order[: sum(sizes)]
         else:  # the head of each expert's segment
             starts = [sum(counts_host[:i]) for i in range(e)]
-            take = torch.cat([order[s : s + m] for s, m in zip(starts, sizes)])
+            take = torch.cat([order[s : s + m] for s, m in zip(starts, sizes, strict=True)])
         # take (M,): kept assignments in (k n) numbering, grouped by expert
         y = self.expert_segments(x[take % n], sizes)  # (M, C)
         weight = rearrange(gates, "n k -> (k n)")[take, None].to(y.dtype)  # (M, 1)
