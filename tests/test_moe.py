@@ -198,6 +198,31 @@ def test_sorted_dispatch_equals_static(capacity_factor, masked):
     assert (static_stats["dropped"] > 0) == (capacity_factor == 0.5)
 
 
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm"])
+@pytest.mark.parametrize("dispatch", DISPATCHES)
+def test_dropless_matches_transformers_mixtral_block(dispatch, implementation):
+    """The same weights in transformers' MixtralSparseMoeBlock: outputs and all gradients."""
+    from autoglm_phone.models.convert import mixtral_moe_block
+
+    layer = _layer(top_k=2, capacity_factor=0.0, dispatch=dispatch, balance_loss_weight=0.0)
+    block = mixtral_moe_block(layer, implementation)
+    x, _ = _inputs()
+    probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+    results = []
+    for fn, params in (
+        (layer, (layer.router.weight, layer.gate_up_proj, layer.down_proj)),
+        (block, (block.gate.weight, block.experts.gate_up_proj, block.experts.down_proj)),
+    ):
+        xg = x.clone().requires_grad_()
+        out = fn(xg)
+        results.append([out, *torch.autograd.grad((out * probe).sum(), (xg, *params))])
+    results[1][3:] = [g.transpose(1, 2) for g in results[1][3:]]  # Mixtral's (out, in)
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="renormalize_gates"):
+        mixtral_moe_block(_layer(renormalize_gates=False))
+
+
 def test_auto_dispatch_sorts_in_eager_on_cpu_only():
     x, _ = _inputs()
     assert _layer(dispatch="auto")._sorts(x)
