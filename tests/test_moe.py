@@ -225,10 +225,10 @@ def test_dropless_matches_transformers_mixtral_block(dispatch, implementation):
 
 def test_auto_dispatch_sorts_in_eager_on_cpu_only():
     x, _ = _inputs()
-    assert _layer(dispatch="auto")._sorts(x)
-    assert not _layer(dispatch="static")._sorts(x)
-    assert _layer(dispatch="sorted")._sorts(x)
-    assert not _layer(dispatch="auto")._sorts(x.to("meta"))  # off CPU: the static path
+    assert _layer(dispatch="auto").sorts(x)
+    assert not _layer(dispatch="static").sorts(x)
+    assert _layer(dispatch="sorted").sorts(x)
+    assert not _layer(dispatch="auto").sorts(x.to("meta"))  # off CPU: the static path
     with pytest.raises(ValueError, match="dispatch='bucketed'"):
         _layer(dispatch="bucketed")
 

@@ -198,7 +198,7 @@ class MoEFeedForward(nn.Module):
         x = x.reshape(-1, self.hidden_size)  # (N, C)
         valid = _valid(x, mask)  # (N,)
         logits, expert_idx, gates = self.route(x)
-        dispatch = self._dispatch_sorted if self._sorts(x) else self._dispatch
+        dispatch = self._dispatch_sorted if self.sorts(x) else self._dispatch
         out, dropped, capacity = dispatch(x, expert_idx, gates, valid, mask is None)
         if not torch.compiler.is_exporting():  # the exported program is the pure function
             self._set_losses(logits, expert_idx, gates, valid, dropped, capacity)
@@ -296,7 +296,7 @@ class MoEFeedForward(nn.Module):
         limit = capacity if all_valid else expert_capacity(valid.sum(), e, k, factor)
         return capacity, limit
 
-    def _sorts(self, x: torch.Tensor) -> bool:
+    def sorts(self, x: torch.Tensor) -> bool:
         """Whether ``forward`` takes the sorted dispatch (see the class docstring)."""
         tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
         if self.dispatch == "sorted" and tracing:
