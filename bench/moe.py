@@ -282,7 +282,9 @@ def _fmt(v: float | None, spec: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, ~1 minute on a CPU")
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes, ~3 minutes on a loaded 2-core CPU"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--out", type=Path, default=Path("outputs/bench/moe.json"))
