@@ -223,6 +223,16 @@ def test_dropless_matches_transformers_mixtral_block(dispatch, implementation):
         mixtral_moe_block(_layer(renormalize_gates=False))
 
 
+@pytest.mark.parametrize("dispatch", DISPATCHES)
+@pytest.mark.parametrize("capacity_factor", [0.0, 1.25])
+def test_all_padding_and_no_tokens_give_zeros(dispatch, capacity_factor):
+    layer = _layer(capacity_factor=capacity_factor, dispatch=dispatch)
+    x, mask = _inputs()
+    out = layer(x, torch.zeros_like(mask))
+    assert torch.equal(out, torch.zeros_like(x)) and layer.stats["dropped"].item() == 0
+    assert layer(x[:, :0]).shape == (2, 0, C)
+
+
 def test_auto_dispatch_sorts_in_eager_on_cpu_only():
     x, _ = _inputs()
     assert _layer(dispatch="auto").sorts(x)
@@ -346,15 +356,16 @@ def test_export_matches_eager(masked):
     assert layer.stats["dropped"].item() > 0  # the capacity limit was exercised
 
 
-def test_autocast_keeps_router_in_float32():
-    layer = _layer(capacity_factor=1.25)
+@pytest.mark.parametrize("dispatch", DISPATCHES)
+def test_autocast_keeps_router_in_float32(dispatch):
+    layer = _layer(capacity_factor=1.25, dispatch=dispatch)
     x, _ = _inputs()
     ref = layer(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits, _, _ = layer.route(x.reshape(-1, C))
         out = layer(x)
     assert logits.dtype == torch.float32
-    assert out.shape == x.shape
+    assert out.shape == x.shape and out.dtype == torch.bfloat16  # the experts' dtype
     torch.testing.assert_close(out.float(), ref, rtol=0, atol=0.05)
 
 

@@ -274,7 +274,7 @@ class MoEFeedForward(nn.Module):
         # take (M,): kept assignments in (k n) numbering, grouped by expert
         y = self.expert_segments(x[take % n], sizes)  # (M, C)
         weight = rearrange(gates, "n k -> (k n)")[take, None].to(y.dtype)  # (M, 1)
-        out = x.new_zeros(k * n, c).index_copy(0, take, y * weight)  # (K*N, C), 0 where dropped
+        out = y.new_zeros(k * n, c).index_copy(0, take, y * weight)  # (K*N, C), 0 where dropped
         return rearrange(out, "(k n) c -> k n c", k=k).sum(0), dropped, capacity
 
     def _queue(self, expert_idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
