@@ -243,6 +243,14 @@ def test_auto_dispatch_sorts_in_eager_on_cpu_only():
         _layer(dispatch="bucketed")
 
 
+@pytest.mark.slow
+def test_compile_takes_the_static_dispatch_in_one_graph():
+    layer = _layer(capacity_factor=1.0)  # "auto": sorted in eager, static under torch.compile
+    x, _ = _inputs()
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)  # a sync would break it
+    torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=1e-6)
+
+
 def test_sorted_dispatch_refuses_export_by_name():
     layer = _layer(capacity_factor=1.0, dispatch="sorted").eval()
     with pytest.raises(Exception, match="dispatch='sorted'"):

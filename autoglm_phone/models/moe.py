@@ -298,7 +298,8 @@ class MoEFeedForward(nn.Module):
 
     def sorts(self, x: torch.Tensor) -> bool:
         """Whether ``forward`` takes the sorted dispatch (see the class docstring)."""
-        tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        compiler = torch.compiler
+        tracing = compiler.is_compiling() or compiler.is_exporting() or torch.jit.is_tracing()
         if self.dispatch == "sorted" and tracing:
             raise RuntimeError(
                 "MoE dispatch='sorted' has data-dependent shapes and cannot be exported, compiled "
