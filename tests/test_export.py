@@ -310,11 +310,38 @@ def test_unstacked_experts_are_the_same_function(tiny, inputs):
             )
 
 
+def test_int4_leaves_no_float_matrix_but_the_listed_ones(tiny):
+    """Eager check of what ``int4`` quantises (fast): every linear and every MoE expert at 4
+    bits, every embedding at 8; float only the routers, the audio front end, convolutions and
+    the other non-matrix parameters (norms, biases, position tables)."""
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+
+    from autoglm_phone.export.precision import get_precision, prepared
+
+    model = prepared(tiny, get_precision("int4"), 32)
+    float_matrices, bits = [], {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            if isinstance(weight, IntxUnpackedToInt8Tensor):
+                bits[name] = str(weight.target_dtype)
+            else:
+                float_matrices.append(name)
+    assert all(n.endswith("router") for n in float_matrices), float_matrices
+    experts = [n for n in bits if ".mlp.gate_up." in n or ".mlp.down." in n]
+    assert len(experts) == 2 * 4  # one MoE layer of 4 experts
+    assert {bits[n] for n in experts} == {"torch.int4"}
+    assert bits["text.embed_tokens"] == "torch.int8"
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in tiny.parameters())
+
+
+@pytest.mark.slow
 def test_int4_quantises_the_whole_text_encoder(
     tiny, tokenizer, tmp_path_factory, pte_fp32, inputs, eager
 ):
     """The MoE text encoder (2 layers, 4 experts in one; 8-bit embedding) at INT4: under 0.35x
-    of its FP32 file, measured 0.15x; ~4.8 bits per weight over every weight it reads."""
+    of its FP32 file, measured 0.15x; ~4.8 bits per weight over every weight it reads. Slow:
+    ~60 s of lowering (each expert is its own quantised GEMM)."""
     folder = _export(tiny, tokenizer, tmp_path_factory, "executorch", "int4", ("text",))
     manifest, fp32 = read_manifest(folder), read_manifest(pte_fp32)
     size = manifest["files"]["text.pte"]["size"]
@@ -363,3 +390,42 @@ def test_awq_calibrated_error_is_not_above_rounding(tiny):
                     (g - w).pow(2).sum() / w.pow(2).sum() for g, w in zip(got, want, strict=True)
                 )
         assert err["awq"] <= err["rtn"], (name, err)
+
+
+def test_dry_run_prints_the_9b_int4_plan_without_building():
+    """``python export.py dry_run=true preset=autoglm-phone-9b``: meta device only (fast)."""
+    from conftest import compose_config
+
+    from autoglm_phone.app.export import run, summary
+    from autoglm_phone.export.plan import linear_bits
+    from autoglm_phone.models.size import kv_cache_bytes
+
+    cfg = compose_config("export", ["dry_run=true", "preset=autoglm-phone-9b"])
+    result = run(cfg)
+    plan = result["plan"]
+    rows = {r.name: r for r in plan.rows}
+    layers = rows["text decoder layers (40)"]
+    assert layers.params == 40 * 203_969_024  # GLM-4-9B's layer (docs/MODEL.md)
+    assert layers.bytes == pytest.approx(40 * plan.layer_bytes)
+    bits, _ = linear_bits(32)
+    # linears 203.95M at int4; norms and the q/k/v biases (20,992) at FP32
+    assert plan.layer_bytes == pytest.approx(203_948_032 * bits / 8 + 4 * 20_992, rel=1e-9)
+    embedding = rows["text embedding (8-bit)"]  # tied: the table at 8 bits + the int4 head
+    assert embedding.params == 151_552 * 4096
+    assert embedding.bytes == pytest.approx(embedding.params * (1 + bits / 8) + 4 * 151_552)
+    assert plan.kv_cache_bytes == kv_cache_bytes(plan_cfg_text(), 8192) == 320 * 2**20
+    assert plan.total_bytes == pytest.approx(sum(r.bytes for r in plan.rows) + 320 * 2**20)
+    text = summary(result)
+    assert "per decoder layer" in text and "vs budget 6.00 GB: " in text
+    with pytest.raises(ValueError, match="vocab_size=<n>"):
+        run(compose_config("export", ["dry_run=true", "preset=autoglm-phone-tiny"]))
+    tiny = run(
+        compose_config("export", ["dry_run=true", "preset=autoglm-phone-tiny", "vocab_size=409"])
+    )
+    assert tiny["plan"].fits and tiny["plan"].num_layers == 4
+
+
+def plan_cfg_text():
+    from autoglm_phone.models.presets import autoglm_phone_9b
+
+    return autoglm_phone_9b().text
