@@ -410,7 +410,7 @@ def test_dry_run_prints_the_9b_int4_plan_without_building():
     bits, _ = linear_bits(32)
     # linears 203.95M at int4; norms and the q/k/v biases (20,992) at FP32
     assert plan.layer_bytes == pytest.approx(203_948_032 * bits / 8 + 4 * 20_992, rel=1e-9)
-    embedding = rows["text embedding (8-bit)"]  # tied: the table at 8 bits + the int4 head
+    embedding = rows["text embedding (8-bit) + tied head (int4)"]  # both copies
     assert embedding.params == 151_552 * 4096
     assert embedding.bytes == pytest.approx(embedding.params * (1 + bits / 8) + 4 * 151_552)
     assert plan.kv_cache_bytes == kv_cache_bytes(plan_cfg_text(), 8192) == 320 * 2**20
@@ -429,3 +429,34 @@ def plan_cfg_text():
     from autoglm_phone.models.presets import autoglm_phone_9b
 
     return autoglm_phone_9b().text
+
+
+def test_awq_calibration_set_comes_from_the_training_split(base_ckpt, cache_dir):
+    """``quant=awq``'s calibration rows: ``calibration_samples`` training items per modality
+    at the export's shapes (images in [0, 1], clips at the tower's rate, padded captions)."""
+    from conftest import compose_config
+
+    from autoglm_phone.app.export import calibration_set
+    from autoglm_phone.checkpoint import load_model
+
+    loaded = load_model(base_ckpt)
+    cfg = compose_config(
+        "export",
+        [f"ckpt_path={base_ckpt}", "precision=int4", "quant=awq", "calibration_samples=3"]
+        + [f"paths.cache_dir={cache_dir}"],
+    )
+    rows = calibration_set(loaded, cfg, max_text_len=12, audio_seconds=0.25)
+    size, rate = loaded.config.vision.img_size, loaded.config.audio.sample_rate
+    media = [m for m in loaded.hparams["data"]["modalities"] if m in ("image", "audio")]
+    assert set(rows) == {*media, "text"}
+    if "image" in rows:
+        assert len(rows["image"]) == 3 and rows["image"][0][0].shape == (1, 3, size, size)
+        assert 0.0 <= float(rows["image"][0][0].min()) <= float(rows["image"][0][0].max()) <= 1.0
+    if "audio" in rows:
+        assert len(rows["audio"]) == 3 and rows["audio"][0][0].shape == (1, round(rate * 0.25))
+    ids, mask = rows["text"][0]
+    assert len(rows["text"]) == 3 * len(media) and ids.shape == mask.shape == (1, 12)
+    assert mask.dtype == torch.bool and mask[0, 0] and not mask[0, -1]
+    folder = loaded.model.save_pretrained(cache_dir / "saved_for_awq", tokenizer=loaded.tokenizer)
+    with pytest.raises(NotExportable, match="give a training checkpoint"):
+        calibration_set(load_model(folder), cfg, max_text_len=12, audio_seconds=0.25)

@@ -86,7 +86,7 @@ def plan(cfg: DictConfig) -> SizePlan:
     if cfg.preset is not None:
         model_cfg: MultiModalConfig = get_preset(cfg.preset).make_config()
     elif cfg.ckpt_path is not None:
-        model_cfg = load_model(cfg.ckpt_path).cfg
+        model_cfg = load_model(cfg.ckpt_path).config
     else:
         raise ValueError("dry_run=true needs ckpt_path=<ckpt or folder> or preset=<name>")
     if cfg.vocab_size:

@@ -10,7 +10,8 @@ embedding at 8 bits), as the export does. The KV cache is FP16 for ``context_len
 
 :data:`MEASURED_LINEAR_BITS` holds the bits per quantised linear weight measured on a
 width-true, 2-layer GLM-4-9B slice exported to ``.pte`` (``python bench/export.py --slice-9b``);
-group sizes not measured use the formula ``4 + 32 / group`` (FP32 scales).
+group sizes not measured use the formula ``4 + 16 / group`` (XNNPACK packs the group scales as
+bf16; the group-32 measurement, 4.498, agrees).
 """
 
 from __future__ import annotations
@@ -26,16 +27,18 @@ from autoglm_phone.models.size import _bytes, kv_cache_bytes
 
 BUDGET_BYTES = 6e9  # a 6 GB phone, decimal (so 5.59 GiB)
 EMBEDDING_BITS = 8
+EMBEDDING_ROW, TIED_SUFFIX = "text embedding (8-bit)", " + tied head (int4)"
 # group size -> bits per quantised linear weight in the .pte (file bytes of one GLM-4-9B layer
 # / its linear weights, two layers minus one: bench/export.py --slice-9b; docs/EXPORT.md)
-MEASURED_LINEAR_BITS: dict[int, float] = {}
+# (4.4979 at group 32: 114,750,336 bytes for 203,948,032 linear weights and 20,992 FP32 ones)
+MEASURED_LINEAR_BITS: dict[int, float] = {32: 4.4979}
 
 
 def linear_bits(group_size: int) -> tuple[float, str]:
     """Bits per quantised linear weight and where the figure comes from."""
     if group_size in MEASURED_LINEAR_BITS:
         return MEASURED_LINEAR_BITS[group_size], "measured (9B slice)"
-    return 4 + 32 / group_size, "formula (4 + 32/group)"
+    return 4 + 16 / group_size, "formula (4 + 16/group)"
 
 
 @dataclass
@@ -123,11 +126,12 @@ def size_plan(
     sizes = parameter_bytes(model, group_size, bits)
     context_len = context_len or cfg.text.max_seq_len
     decoder = model.text
+    tied = decoder.lm_head.weight is decoder.embed_tokens.weight
     parts: list[tuple[str, list[nn.Parameter]]] = [
         (f"text decoder layers ({len(decoder.layers)})", list(decoder.layers.parameters())),
-        ("text embedding (8-bit)", [decoder.embed_tokens.weight]),
+        (EMBEDDING_ROW + (TIED_SUFFIX if tied else ""), [decoder.embed_tokens.weight]),
     ]
-    if decoder.lm_head.weight is not decoder.embed_tokens.weight:
+    if not tied:
         parts.append(("LM head (int4)", [decoder.lm_head.weight]))
     parts.append(("text decoder other (final norm)", list(decoder.parameters())))
     for name, child in model.named_children():
@@ -143,11 +147,7 @@ def size_plan(
                 PlanRow(name, sum(p.numel() for p in params), sum(sizes[id(p)] for p in params))
             )
     layer_bytes = max(sum(sizes[id(p)] for p in layer.parameters()) for layer in decoder.layers)
-    notes = []
-    if decoder.lm_head.weight is decoder.embed_tokens.weight:
-        notes.append(
-            "tied head: written twice, as an int4 linear (in the embedding row) and the 8-bit table"
-        )
+    notes = ["tied head: written twice, as an int4 linear and the 8-bit table"] if tied else []
     return SizePlan(
         rows=rows,
         group_size=group_size,
