@@ -38,6 +38,7 @@ test-all: $(VENV)/.installed-test
 ## bench: the benchmarks' quick versions (tables on stdout, JSON under outputs/bench/)
 bench: $(VENV)/.installed
 	$(BIN)/python bench/moe.py --quick
+	$(BIN)/python bench/export.py --quick
 	$(BIN)/python bench/memory.py --quick
 	$(BIN)/python bench/long_recall.py --quick
 
