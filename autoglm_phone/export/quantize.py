@@ -50,12 +50,14 @@ class LinearExpertsMoE(MoEFeedForward):
         return out
 
     def experts(self, h: torch.Tensor) -> torch.Tensor:
-        """``(E, M, C) -> (E, M, C)``, one expert's SwiGLU per row block."""
+        """``(E, M, C) -> (E, M, C)``, one expert's SwiGLU per row block. Each block keeps a
+        leading 1 ``(1, M, C)``: a 2-D input exports to ONNX as ``Gemm``, which ONNX Runtime's
+        4-bit pass (``MatMulNBits``, on ``MatMul`` only) would leave in FP32."""
         outs = []
         for e, (gate_up, down) in enumerate(zip(self.gate_up, self.down, strict=True)):
-            gate, up = gate_up(h[e]).chunk(2, dim=-1)  # (M, F) each
-            outs.append(down(up * F.silu(gate)))  # (M, C)
-        return torch.stack(outs)
+            gate, up = gate_up(h[e : e + 1]).chunk(2, dim=-1)  # (1, M, F) each
+            outs.append(down(up * F.silu(gate)))  # (1, M, C)
+        return torch.cat(outs)
 
 
 def _linear(weight: torch.Tensor) -> nn.Linear:
