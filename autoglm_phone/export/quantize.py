@@ -17,7 +17,7 @@ AWQ-style calibrated scale search (Lin et al. 2023, https://arxiv.org/abs/2306.0
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,8 @@ class LinearExpertsMoE(MoEFeedForward):
 
     @classmethod
     def from_stacked(cls, moe: MoEFeedForward) -> LinearExpertsMoE:
+        """The same layer (its settings and router shared, not copied) with the stacked
+        weights copied into per-expert linears; ``moe`` is left as it was."""
         gate_up, down = moe.gate_up_proj.detach(), moe.down_proj.detach()  # (E, C, 2F), (E, F, C)
         out = cls.__new__(cls)
         nn.Module.__init__(out)
@@ -162,7 +164,3 @@ def awq_calibrate(
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
-def embeddings(model: nn.Module) -> Iterable[tuple[str, nn.Embedding]]:
-    return ((n, m) for n, m in model.named_modules() if isinstance(m, nn.Embedding))
