@@ -46,6 +46,7 @@ $(VENV)/.installed-serve: $(VENV)/.installed
 ## bench: the benchmarks' quick versions (tables on stdout, JSON under outputs/bench/)
 bench: $(VENV)/.installed
 	$(BIN)/python bench/moe.py --quick
+	$(BIN)/python bench/export.py --quick
 	$(BIN)/python bench/memory.py --quick
 	$(BIN)/python bench/long_recall.py --quick
 
