@@ -37,6 +37,9 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
         max_text_len=_from_data(cfg, loaded.hparams, "max_text_len", DEFAULT_MAX_TEXT_LEN),
         audio_seconds=_from_data(cfg, loaded.hparams, "audio_seconds", DEFAULT_AUDIO_SECONDS),
         group_size=cfg.group_size,
+        prompt_len=cfg.prompt_len,
+        cache_len=cfg.cache_len,
+        source=cfg.ckpt_path,
     )
     return {"out_dir": str(out_dir), "manifest": manifest}
 

@@ -365,8 +365,7 @@ class ExportedModel:
         generator: torch.Generator | None,
     ) -> list[int]:
         """One prompt ``(n, C)``: prefill, then decode until a stop token or the budget."""
-        step = self._prefill_memory if self.config.text.memory.enabled else self._prefill_cache
-        logits, decode = step(prompt, max_new_tokens)
+        logits, decode = self._prefill(prompt, max_new_tokens)
         tokens: list[int] = []
         for i in range(max_new_tokens):
             token = int(sample_next_token(logits, **sampling, generator=generator)[0])
@@ -375,6 +374,27 @@ class ExportedModel:
                 break
             logits = decode(token)
         return tokens
+
+    @torch.no_grad()
+    def continuation_logits(
+        self, prompt: torch.Tensor, continuation: Sequence[int]
+    ) -> torch.Tensor:
+        """Teacher forcing: the logits ``(len(continuation), V)`` that predict each token of
+        ``continuation`` after ``prompt`` ``(n, C)`` (a :meth:`build_prompts` row; GLM's prefix
+        mode over it, causal after), as eager ``prefix_lm`` scores a response."""
+        if not continuation:
+            raise ValueError("continuation is empty: nothing to score")
+        logits, decode = self._prefill(prompt, len(continuation))
+        rows = [logits]
+        for token in continuation[:-1]:
+            rows.append(decode(int(token)))
+        return torch.cat(rows)
+
+    def _prefill(self, prompt: torch.Tensor, max_new_tokens: int):
+        """The prompt's last logits ``(1, V)`` and ``decode(token) -> logits`` for what follows."""
+        if self.config.text.memory.enabled:
+            return self._prefill_memory(prompt, max_new_tokens)
+        return self._prefill_cache(prompt, max_new_tokens)
 
     def _pad_prompt(self, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(n, C)`` -> right-padded ``(1, P, C)`` and ``length`` ``(1,)``."""

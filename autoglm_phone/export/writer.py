@@ -123,12 +123,14 @@ def export_model(
     group_size: int = DEFAULT_GROUP_SIZE,
     prompt_len: int = DEFAULT_PROMPT_LEN,
     cache_len: int | None = None,
+    source: str | Path | None = None,
 ) -> dict[str, Any]:
     """Write ``methods`` of ``model`` to ``out_dir`` (``<method><suffix>`` each, the tokenizer
     in ``tokenizer/``, ``manifest.json``); returns the manifest. ``out_dir`` must be empty or
     new. The model itself is not changed (each precision works on a copy). ``generate`` in
     ``methods`` names the generation methods; ``prompt_len`` / ``cache_len`` are their fixed
-    prompt length and KV cache slots (:func:`generation_shapes`)."""
+    prompt length and KV cache slots (:func:`generation_shapes`). ``source``: the checkpoint
+    it came from, recorded for ``eval.py exported=...``."""
     backend, prec = get_backend(format), get_precision(precision)
     methods = expand_methods(model, methods)
     shapes = Shapes(
@@ -171,6 +173,7 @@ def export_model(
         "precision": prec.name,
         "quantization": backend.quantization(prec, group_size),
         "model": model.cfg.to_dict(),
+        "source": None if source is None else str(Path(source).resolve()),
         "tokenizer": TOKENIZER_DIR if tokenizer is not None else None,
         "shapes": {**asdict(shapes), "sample_rate": model.cfg.audio.sample_rate},
         "methods": entries,
