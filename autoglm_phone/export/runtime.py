@@ -108,17 +108,21 @@ class ExportedModel:
     # -- running -------------------------------------------------------------------------------
     def _run(self, method: str, rows: list[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
         """One call per row (each a tuple of ``(1, ...)`` inputs); outputs stacked over rows."""
+        self._require(method)
+        outs = [self.runners[method](list(row)) for row in rows]
+        return [torch.cat(parts) for parts in zip(*outs, strict=True)]
+
+    def _require(self, method: str) -> None:
         if method not in self.runners:
             raise ValueError(
                 f"{self.folder}: method {method!r} was not exported (has: {sorted(self.runners)})"
             )
-        outs = [self.runners[method](list(row)) for row in rows]
-        return [torch.cat(parts) for parts in zip(*outs, strict=True)]
 
     def _media(self, modality: str, media: torch.Tensor, sample_rate: int | None) -> list:
         prepare = {"image": self._images, "audio": self._wave}
         if modality not in prepare:
             raise ValueError(f"unknown modality {modality!r}; expected one of {tuple(prepare)}")
+        self._require(modality)
         batch = prepare[modality](media, sample_rate)
         return self._run(modality, [(row[None],) for row in batch])
 
