@@ -6,6 +6,11 @@ a changed file is refused by name), then loads each method through the ExecuTorc
 (type, shape, dtype, sample rate, text length) with errors naming the argument; audio at another
 rate is resampled exactly as the eager tower does (:func:`~autoglm_phone.models.towers.resample`).
 
+``generate`` assembles each row's prompt (media blocks and text, as ``AutoGLMModel.
+build_prefix``), runs ``prefill`` and then ``decode`` per token, holding the decoder's state (KV
+cache, memory slots) between calls: the artifacts take it as inputs and return it
+(``generation.py``).
+
 The artifacts take one item per call (fixed shapes, ``methods.py``); a batch runs row by row.
 With MoE text layers that is what eager ``encode_text`` computes for a batch of one: the expert
 capacity is shared by the tokens of one call, so an eager batch can route differently.
@@ -73,9 +78,10 @@ RUNNERS: dict[str, Callable[[Path, str, int | None], Runner]] = {
 
 
 class ExportedModel:
-    """The retrieval side of an exported model: ``encode_image``, ``encode_audio``,
-    ``encode_text``, ``embed_media`` (and ``embed_image`` / ``embed_audio``), as on
-    :class:`~autoglm_phone.models.autoglm.AutoGLMModel`; ``tokenizer`` if one was exported."""
+    """An exported model with :class:`~autoglm_phone.models.autoglm.AutoGLMModel`'s call
+    shapes: ``encode_image``, ``encode_audio``, ``encode_text``, ``embed_media`` (and
+    ``embed_image`` / ``embed_audio``) and ``generate``, for the methods the folder holds;
+    ``tokenizer`` if one was exported."""
 
     def __init__(
         self, folder: Path, manifest: dict[str, Any], runners: dict[str, Runner], tokenizer: Any
