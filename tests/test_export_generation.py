@@ -129,10 +129,15 @@ def test_memory_moe_pte_generates_as_eager(memory_model, memory_pte, prompts):
     _check_parity(memory_model, memory_pte, prompts)
 
 
-def test_dense_moe_onnx_generates_as_eager(dense_model, tokenizer, tmp_path_factory, prompts):
-    """Without memory (one prefill, a static KV cache of 128 slots), ONNX FP32."""
+@pytest.fixture(scope="module")
+def dense_onnx(dense_model, tokenizer, tmp_path_factory):
     folder = _export(dense_model, tokenizer, tmp_path_factory, fmt="onnx")
-    _check_parity(dense_model, ExportedModel.load(folder, num_threads=1), prompts)
+    return ExportedModel.load(folder, num_threads=1)
+
+
+def test_dense_moe_onnx_generates_as_eager(dense_model, dense_onnx, prompts):
+    """Without memory (one prefill, a static KV cache of 128 slots), ONNX FP32."""
+    _check_parity(dense_model, dense_onnx, prompts)
 
 
 @pytest.mark.slow
@@ -234,22 +239,25 @@ def test_memory_refusals_name_the_setting(memory_model, tokenizer, tmp_path):
         export_model(AutoGLMModel(ablation), tmp_path / "b", methods=("generate",))
 
 
-def test_runtime_refuses_prompts_past_the_export(dense_model, tokenizer, tmp_path_factory):
-    """Prompt and budget limits of a dense export (its methods only: cheap at ONNX)."""
-    folder = tmp_path_factory.mktemp("dense_small")
-    export_model(
-        dense_model, folder, format="onnx", methods=("generate",), prompt_len=8, cache_len=12
-    )
-    exported = ExportedModel.load(folder)
-    assert set(read_manifest(folder)["methods"]) == {"embed", "prefill", "decode"}
-    ids = torch.arange(3, 12)[None]  # 9 tokens
+def test_runtime_refuses_prompts_past_the_export(dense_onnx):
+    """A dense export's prompt (64 positions) and cache (128 slots) limits, and a method the
+    folder lacks, named before anything runs."""
+    ids = torch.arange(3, 68)[None]  # 65 tokens
     with pytest.raises(ValueError, match="export prompt_len"):
-        exported.generate(input_ids=ids)
+        dense_onnx.generate(input_ids=ids)
     with pytest.raises(ValueError, match="export cache_len"):
-        exported.generate(input_ids=ids[:, :4], max_new_tokens=10)
-    with pytest.raises(ValueError, match="method 'image' was not exported"):
-        exported.generate(images=torch.rand(1, 3, 64, 64))
-    assert exported.generate(input_ids=ids[:, :4], max_new_tokens=9).shape[1] <= 9
+        dense_onnx.generate(input_ids=ids[:, :10], max_new_tokens=120)
+    assert dense_onnx.generate(input_ids=ids[:, :10], max_new_tokens=119).shape[1] <= 119
+    runners = dict(dense_onnx.runners)
+    try:
+        del dense_onnx.runners["image"]
+        with pytest.raises(ValueError, match="method 'image' was not exported"):
+            dense_onnx.generate(images=torch.rand(1, 3, 64, 64))
+        del dense_onnx.runners["decode"]
+        with pytest.raises(ValueError, match=r"generation needs the methods \['decode'\]"):
+            dense_onnx.generate(input_ids=ids[:, :3])
+    finally:
+        dense_onnx.runners.update(runners)
 
 
 @pytest.mark.slow  # ~6 min here: the whole tiny model exported, then both evaluated
@@ -259,7 +267,7 @@ def test_eval_runs_an_exported_folder_beside_its_checkpoint(base_ckpt, cache_dir
     cheapest export of the whole model; the path is the same for .pte)."""
     import json
 
-    from conftest import compose_config
+    from conftest import SMALL_DATA, compose_config
 
     from autoglm_phone.app import evaluate
     from autoglm_phone.app.export import run as export_run
@@ -300,6 +308,28 @@ def test_eval_runs_an_exported_folder_beside_its_checkpoint(base_ckpt, cache_dir
         assert (
             fused[f"{m} captioning"]["num_items"] == result["fused"][f"{m} captioning"]["num_items"]
         )
+
+    # without its checkpoint the folder is evaluated alone, on the eval config's data
+    # (retrieval only here: cheap)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(
+        json.dumps({**manifest, "source": str(tmp_path / "gone")})
+    )
+    cfg = compose_config(
+        "eval",
+        [
+            f"exported={folder}",
+            f"output_json={tmp_path / 'alone.json'}",
+            "tasks=[]",
+            f"paths.cache_dir={cache_dir}",
+            f"paths.output_dir={tmp_path}",
+            *SMALL_DATA,
+        ],
+    )
+    alone = evaluate.run(cfg)
+    assert "the exported folder alone" in capsys.readouterr().out
+    assert alone["retrieval"] == alone["exported"]["retrieval"]
+    assert set(alone["retrieval"]) == set(eager) and alone["ckpt_path"] is None
 
 
 @pytest.mark.slow

@@ -272,7 +272,7 @@ def run(cfg: DictConfig, data_overrides: list[str] | None = None) -> dict[str, A
         print("captioning accuracy needs the embedded data's grammar: skipped (perplexity kept)")
 
     result: dict[str, Any] = {
-        "ckpt_path": str(source),
+        "ckpt_path": None if source is None else str(source),
         "split": cfg.split,
         "retrieval_protocol": {"name": dm.protocol, "rule": PROTOCOLS[dm.protocol]},
     }
