@@ -236,7 +236,10 @@ def _source(cfg: DictConfig, exported: ExportedModel | None) -> str | None:
     source = exported.manifest.get("source")
     if source and Path(source).is_file():
         return source
-    print(f"the export's source checkpoint ({source}) is not here: the exported folder alone")
+    print(
+        f"the export's source ({source}) is not a checkpoint file here: the exported folder "
+        "alone, on the eval config's data"
+    )
     return None
 
 
