@@ -333,17 +333,25 @@ def test_eval_runs_an_exported_folder_beside_its_checkpoint(base_ckpt, cache_dir
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision,min_cos", [("fp16", 0.999), ("int4", 0.9)])
+@pytest.mark.parametrize("precision,min_cos", [("fp16", 0.999), ("int4", 0.99)])
 def test_low_precision_generation_stays_close(
     memory_model, tokenizer, tmp_path_factory, prompts, precision, min_cos
 ):
     """FP16 / INT4 .pte of the memory model: the logits of the first 8 greedy steps (fed the
-    eager tokens, so a flipped token does not compound) keep their cosine to eager."""
+    reference's tokens, so a flipped token does not compound) keep their cosine to the
+    reference: eager FP32 for FP16; for INT4 the eager model with the same torchao weights
+    (INT4 itself moves this random model's logits far: cosine 0.45-0.78 to FP32, eager alike, so
+    the export is checked against what it quantised)."""
+    from autoglm_phone.export.precision import get_precision, prepared
+
+    reference = memory_model
+    if precision == "int4":
+        reference = prepared(memory_model, get_precision("int4"), 32)
     folder = _export(memory_model, tokenizer, tmp_path_factory, precision=precision)
     exported = ExportedModel.load(folder, num_threads=1)
     for prompt in prompts[:2]:
         ref, _, ref_logits, _ = _with_logits(
-            memory_model, exported, prompt, max_new_tokens=8, stop_token_ids=()
+            reference, exported, prompt, max_new_tokens=8, stop_token_ids=()
         )
         (row,) = exported.build_prompts(**prompt)
         got = exported.continuation_logits(row, ref[0].tolist())
