@@ -15,8 +15,9 @@ import torch.nn.functional as F
 pytest.importorskip("executorch")
 pytest.importorskip("onnxruntime")
 
-from autoglm_phone.export import METHODS, ExportedModel, NotExportable, export_model  # noqa: E402
+from autoglm_phone.export import ExportedModel, NotExportable, export_model  # noqa: E402
 from autoglm_phone.export.manifest import MANIFEST_NAME, read_manifest  # noqa: E402
+from autoglm_phone.export.methods import RETRIEVAL  # noqa: E402
 
 MAX_TEXT_LEN, AUDIO_SECONDS = 12, 0.25  # 4000 samples at 16 kHz: 26 mel frames, 7 tokens
 SHAPES = dict(max_text_len=MAX_TEXT_LEN, audio_seconds=AUDIO_SECONDS)
@@ -65,7 +66,7 @@ def _outputs(exported: ExportedModel, inputs) -> dict[str, torch.Tensor]:
     return out
 
 
-def _export(tiny, tokenizer, tmp_path_factory, fmt, precision, methods=tuple(METHODS)):
+def _export(tiny, tokenizer, tmp_path_factory, fmt, precision, methods=RETRIEVAL):
     folder = tmp_path_factory.mktemp(f"{fmt}_{precision}")
     export_model(
         tiny,
@@ -136,7 +137,13 @@ def test_manifest_describes_the_folder(pte_fp32, tiny):
     manifest = read_manifest(pte_fp32)
     assert manifest["model"] == tiny.cfg.to_dict()
     assert manifest["precision"] == "fp32" and manifest["quantization"] is None
-    assert manifest["shapes"] == {"max_text_len": 12, "audio_samples": 4000, "sample_rate": 16000}
+    assert manifest["shapes"] == {
+        "max_text_len": 12,
+        "audio_samples": 4000,
+        "sample_rate": 16000,
+        "prompt_len": 512,  # the tiny decoder's memory segment (generation, not exported here)
+        "cache_len": 512,
+    }
     text = manifest["methods"]["text"]
     assert text["file"] == "text.pte"
     assert [(s["name"], s["shape"], s["dtype"]) for s in text["inputs"]] == [
@@ -211,8 +218,7 @@ def test_runtime_resamples_like_the_eager_tower(exported, tiny):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(methods=("prefill",)), "generation methods are not exported yet"),
-        (dict(methods=("image", "decode")), "generation methods are not exported yet"),
+        (dict(methods=("image", "decode")), "decode needs memory_write"),
         (dict(methods=("video",)), "unknown method 'video'"),
         (dict(format="tflite"), "unknown export format 'tflite'"),
         (dict(precision="int8"), "unknown precision 'int8'"),
@@ -251,7 +257,7 @@ def test_every_method_at_low_precision(
     tiny, tokenizer, tmp_path_factory, inputs, eager, fmt, precision, min_cos
 ):
     # ONNX Runtime has no FP16 kernel for the MoE text dispatch (refused, tested above)
-    methods = ("image", "audio") if (fmt, precision) == ("onnx", "fp16") else METHODS
+    methods = ("image", "audio") if (fmt, precision) == ("onnx", "fp16") else RETRIEVAL
     folder = _export(tiny, tokenizer, tmp_path_factory, fmt, precision, methods)
     got = _outputs(ExportedModel.load(folder, num_threads=1), inputs)
     for name in got:
@@ -275,8 +281,8 @@ def test_export_entry_point_writes_a_folder_and_refuses_by_name(tiny, tokenizer,
     manifest = read_manifest(tmp_path / "out")
     assert manifest["shapes"]["max_text_len"] == 32  # a folder has no data config: the default
     assert set(manifest["methods"]) == {"image"} and "image.onnx" in summary(result)
-    refused = compose_config("export", [f"ckpt_path={saved}", "methods=[image,prefill]"])
-    with pytest.raises(NotExportable, match="generation methods are not exported yet"):
+    refused = compose_config("export", [f"ckpt_path={saved}", "methods=[image,decode]"])
+    with pytest.raises(NotExportable, match="decode needs memory_write"):
         run(refused, output_dir=tmp_path / "refused")
 
 

@@ -43,6 +43,7 @@ from autoglm_phone.objectives import (
     clamped_logit_scale,
     encode_batch,
     match_logits,
+    media_kwargs,
 )
 from autoglm_phone.objectives.episode import layout_episodes
 
@@ -131,11 +132,7 @@ def fused_report(
                 max_new_tokens=max_new_tokens,
                 stop_token_ids=(eos,),
             )
-            for row, caption in zip(out.tolist(), batch["caption"], strict=True):
-                row = row[: row.index(eos)] if eos in row else row
-                store["answers"].append(
-                    (tokenizer.decode(row, skip_special_tokens=True).strip(), caption)
-                )
+            store["answers"] += _answers(tokenizer, out, batch["caption"], eos)
 
     report: dict[str, dict[str, float]] = {}
     if "itm" in tasks:
@@ -165,6 +162,68 @@ def fused_report(
     if "rerank" in tasks:
         scores = rerank_scores(model, store, modality, k, batch_size)
         report.update(rerank_metrics(scores, 1.0 if rerank_weight is None else rerank_weight))
+    return report
+
+
+def _answers(
+    tokenizer: Any, out: torch.Tensor, captions: list[str], eos: int | None
+) -> list[tuple[str, str]]:
+    """Generated rows ``(B, N)`` cut at the end-of-text token, decoded, beside their captions."""
+    answers = []
+    for row, caption in zip(out.tolist(), captions, strict=True):
+        row = row[: row.index(eos)] if eos in row else row
+        answers.append((tokenizer.decode(row, skip_special_tokens=True).strip(), caption))
+    return answers
+
+
+EXPORTED_TASKS = ("perplexity", "captioning")  # the others need the fused encoder, not exported
+MEDIA_ARGUMENT = {"image": "images", "audio": "audio"}  # generate's keyword for each modality
+
+
+@torch.no_grad()
+def exported_report(
+    exported: Any, tokenizer: Any, loader, modality: str, tasks: list[str], max_new_tokens: int = 32
+) -> dict[str, dict[str, float]]:
+    """:func:`fused_report`'s ``perplexity`` and ``captioning`` through an exported folder
+    (``autoglm_phone.export.ExportedModel``): the same prompts, scored by teacher forcing through
+    ``prefill`` + ``decode`` and generated greedily. One row at a time: with MoE layers each token
+    routes on its own, where eager shares the experts' capacity within a sequence."""
+    sums = [0.0, 0]  # NLL total, scored tokens
+    answers: list[tuple[str, str]] = []
+    eos = exported.config.special_tokens.eos
+    for batch in tqdm(loader, desc=f"exported eval {modality}", leave=False):
+        media = {MEDIA_ARGUMENT[modality]: batch["media"], **media_kwargs(batch)}
+        if "perplexity" in tasks:
+            prompts = [DESCRIBE[modality]] * len(batch["caption"])
+            chat = tokenize_chat(tokenizer, prompts, batch["caption"], (modality,))
+            for i, (ids, real, scored) in enumerate(
+                zip(chat["input_ids"], chat["attention_mask"], chat["loss_mask"], strict=True)
+            ):
+                ids, scored = ids[real.bool()], scored[real.bool()].bool()  # (T,) real tokens
+                first = int(scored.long().argmax())  # the first response token
+                row = {k: v[i : i + 1] if torch.is_tensor(v) else v for k, v in media.items()}
+                (prompt,) = exported.build_prompts(**row, input_ids=ids[None, :first])
+                logits = exported.continuation_logits(prompt, ids[first:].tolist())  # (R, V)
+                nll = F.cross_entropy(logits, ids[first:], reduction="none")[scored[first:]]
+                sums[0] += nll.sum().item()
+                sums[1] += nll.numel()
+        if "captioning" in tasks:
+            prompt = tokenizer([format_chat(DESCRIBE[modality], media=(modality,))])
+            prompt_ids = torch.tensor(prompt["input_ids"]).expand(len(batch["caption"]), -1)
+            out = exported.generate(
+                **media, input_ids=prompt_ids, max_new_tokens=max_new_tokens, stop_token_ids=(eos,)
+            )
+            answers += _answers(tokenizer, out, batch["caption"], eos)
+    report: dict[str, dict[str, float]] = {}
+    if "perplexity" in tasks:
+        nll = sums[0] / max(1, sums[1])
+        report[f"{modality} perplexity"] = {
+            "perplexity": math.exp(nll),
+            "nll": nll,
+            "vocab_size": float(len(tokenizer)),
+        }
+    if "captioning" in tasks:
+        report[f"{modality} captioning"] = captioning_scores(modality, answers)
     return report
 
 

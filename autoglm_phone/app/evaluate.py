@@ -23,7 +23,9 @@ from tqdm import tqdm
 
 from autoglm_phone.app.datamodule import MultiModalDataModule
 from autoglm_phone.app.eval_tasks import (
+    EXPORTED_TASKS,
     episode_report,
+    exported_report,
     fit_rerank_weight_on,
     format_episode,
     fused_report,
@@ -32,9 +34,10 @@ from autoglm_phone.app.eval_tasks import (
 from autoglm_phone.app.schema import DataConfig
 from autoglm_phone.checkpoint import load_model
 from autoglm_phone.data.records import format_summary, summarize
+from autoglm_phone.export import ExportedModel
 from autoglm_phone.metrics import KS, chance_metrics, retrieval_metrics
 from autoglm_phone.models.autoglm import MODALITY_TABLE, AutoGLMModel
-from autoglm_phone.objectives import encode_batch
+from autoglm_phone.objectives import encode_batch, media_kwargs
 
 
 def load_checkpoint(path: str | Path) -> tuple[AutoGLMModel, Any, dict[str, Any]]:
@@ -43,15 +46,26 @@ def load_checkpoint(path: str | Path) -> tuple[AutoGLMModel, Any, dict[str, Any]
     return loaded.model, loaded.tokenizer, loaded.hparams
 
 
+def _features(model: AutoGLMModel | ExportedModel, batch: dict) -> tuple[torch.Tensor, ...]:
+    """Media and text features of a batch, eager or through an exported folder."""
+    if isinstance(model, ExportedModel):
+        media = model.encode_media(batch["modality"], batch["media"], **media_kwargs(batch))
+        return media, model.encode_text(batch["input_ids"], batch["attention_mask"])
+    feats = encode_batch(model, batch, text=True)  # the batch's sample rate reaches the tower
+    return feats.media, feats.text
+
+
 @torch.no_grad()
-def embed_split(model: AutoGLMModel, loader, modality: str, split: str) -> dict[str, torch.Tensor]:
+def embed_split(
+    model: AutoGLMModel | ExportedModel, loader, modality: str, split: str
+) -> dict[str, torch.Tensor]:
     """Contrastive features of a split, one row per loaded pair (media and caption), with the
     caption and item ids; refuses non-finite features (a diverged model has no recall)."""
     media, text, keys, items, skipped = [], [], [], [], []
     for batch in tqdm(loader, desc=f"embed {modality}", leave=False):
-        feats = encode_batch(model, batch, text=True)  # the batch's sample rate reaches the tower
-        media.append(feats.media)
-        text.append(feats.text)
+        features = _features(model, batch)
+        media.append(features[0])
+        text.append(features[1])
         keys.append(batch["caption_id"])
         items.append(batch["item_id"])
         skipped += batch["skipped"]
@@ -193,32 +207,108 @@ def plot_episode(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def format_comparison(eager: dict[str, dict], exported: dict[str, dict]) -> str:
+    """Eager beside exported: R@1 / R@5 per direction and the fused tasks' headline numbers."""
+    head = f"{'metric':<36}{'eager':>10}{'exported':>10}{'diff':>10}"
+    lines = [head, "-" * len(head)]
+    for name, metrics in exported.items():
+        for key, value in metrics.items():
+            if key not in COMPARED or name not in eager:
+                continue
+            ref = eager[name][key]
+            lines.append(f"{name + ' ' + key:<36}{ref:>10.2f}{value:>10.2f}{value - ref:>+10.2f}")
+    return "\n".join(lines)
+
+
+COMPARED = ("R@1", "R@5", "perplexity", "exact_match")  # what format_comparison prints
+
+
+def _source(cfg: DictConfig, exported: ExportedModel | None) -> str | None:
+    """The checkpoint to evaluate eagerly: ``ckpt_path``, else the one the export came from
+    (its manifest's ``source``) if it is still there; None: the exported folder alone."""
+    if cfg.ckpt_path:
+        return cfg.ckpt_path
+    if exported is None:
+        raise ValueError(
+            "ckpt_path is required: python eval.py ckpt_path=path/to/last.ckpt (or "
+            "exported=path/to/exported/folder)"
+        )
+    source = exported.manifest.get("source")
+    if source and Path(source).is_file():
+        return source
+    print(
+        f"the export's source ({source}) is not a checkpoint file here: the exported folder "
+        "alone, on the eval config's data"
+    )
+    return None
+
+
 def run(cfg: DictConfig, data_overrides: list[str] | None = None) -> dict[str, Any]:
-    if not cfg.ckpt_path:
-        raise ValueError("ckpt_path is required: python eval.py ckpt_path=path/to/last.ckpt")
+    """Evaluate ``ckpt_path``; with ``exported`` (an ``export.py`` folder) that folder too, on the
+    same split and tasks, printed beside the eager model (its checkpoint: ``ckpt_path``, else the
+    manifest's ``source``)."""
+    exported = ExportedModel.load(cfg.exported) if cfg.exported else None
+    source = _source(cfg, exported)
     torch.manual_seed(cfg.seed)
-    model, tokenizer, hp = load_checkpoint(cfg.ckpt_path)
-    data = OmegaConf.merge(OmegaConf.structured(DataConfig), hp["data"])
+    model, tokenizer, hp = load_checkpoint(source) if source else (None, exported.tokenizer, None)
+    if hp is None and source is not None:
+        raise ValueError(f"{source}: a saved folder has no data or objective; give a checkpoint")
+    data = OmegaConf.merge(
+        OmegaConf.structured(DataConfig), hp["data"] if hp else OmegaConf.to_container(cfg.data)
+    )
     if data_overrides:
         data = OmegaConf.merge(
             data, OmegaConf.from_dotlist([o.removeprefix("data.") for o in data_overrides])
         )
     data_cfg: DataConfig = OmegaConf.to_object(data)
-    dm = MultiModalDataModule(data_cfg, cfg.paths.cache_dir, image_size=model.cfg.vision.img_size)
+    model_cfg = model.cfg if model is not None else exported.config
+    dm = MultiModalDataModule(data_cfg, cfg.paths.cache_dir, image_size=model_cfg.vision.img_size)
     dm.set_tokenizer(tokenizer)
     loaders = dm.test_dataloader() if cfg.split == "test" else dm.val_dataloader()
-
     by_modality = dict(zip(data_cfg.modalities, loaders, strict=True))
-    episode = None
-    if "episode" in by_modality:
-        segment_len = model.cfg.text.memory.segment_len
-        episode = episode_report(model, tokenizer, by_modality.pop("episode"), segment_len)
-        print(
-            f"\nepisode recall on the {cfg.split} split ({cfg.ckpt_path}), "
-            f"{episode['episode recall']['decoding']}\n"
-            f"{format_episode(episode['episode recall'])}\n"
-        )
-    media_modalities = [m for m in by_modality if m in MODALITY_TABLE]
+    if hp is not None and cfg.tasks is None:
+        tasks = tasks_for(hp["objective"])
+    else:
+        tasks = list(EXPORTED_TASKS) if cfg.tasks is None else list(cfg.tasks)
+    if not dm.source.captioning_gradable and "captioning" in tasks:
+        tasks.remove("captioning")  # scored by parsing the embedded data's caption grammar
+        print("captioning accuracy needs the embedded data's grammar: skipped (perplexity kept)")
+
+    result: dict[str, Any] = {
+        "ckpt_path": None if source is None else str(source),
+        "split": cfg.split,
+        "retrieval_protocol": {"name": dm.protocol, "rule": PROTOCOLS[dm.protocol]},
+    }
+    if model is not None:
+        result.update(_evaluate_eager(cfg, model, tokenizer, dm, by_modality, tasks))
+    if exported is not None:
+        result["exported"] = _evaluate_exported(cfg, exported, tokenizer, dm, by_modality, tasks)
+        if model is None:  # the folder alone: its numbers are the run's
+            result.update({k: result["exported"][k] for k in ("retrieval", "skipped", "fused")})
+        else:
+            eager = {**result["retrieval"], **result.get("fused", {})}
+            folder = {**result["exported"]["retrieval"], **result["exported"]["fused"]}
+            print(
+                f"\neager ({source}) beside exported ({cfg.exported}), {cfg.split} split\n"
+                f"{format_comparison(eager, folder)}\n"
+            )
+    if not result.get("fused"):
+        result.pop("fused", None)
+
+    out_json = Path(cfg.output_json or Path(cfg.paths.output_dir) / "metrics.json")
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(result, indent=2))
+    if "episode" in result:
+        plot_episode(result["episode"]["episode recall"], out_json.with_suffix(".png"))
+    else:
+        plot_report(result["retrieval"], out_json.with_suffix(".png"))
+    print(f"wrote {out_json} and {out_json.with_suffix('.png')}")
+    return result
+
+
+def _retrieval(cfg: DictConfig, model, dm, by_modality: dict, name: str) -> dict[str, Any]:
+    """Retrieval on every media loader of ``by_modality``, printed; ``retrieval`` and
+    ``skipped`` (the bad samples per modality)."""
     report: dict[str, dict[str, float]] = {}
     skipped: dict[str, dict[str, Any]] = {}
     for modality, loader in by_modality.items():
@@ -229,20 +319,34 @@ def run(cfg: DictConfig, data_overrides: list[str] | None = None) -> dict[str, A
             print(format_summary(skipped[modality], f"{cfg.split} {modality}"))
     if report:
         print(
-            f"\nretrieval on the {cfg.split} split ({cfg.ckpt_path})\n"
+            f"\nretrieval on the {cfg.split} split ({name})\n"
             f"protocol: {dm.protocol} ({PROTOCOLS[dm.protocol]})\n{format_table(report)}\n"
         )
+    return {"retrieval": report, "skipped": skipped}
 
-    tasks = tasks_for(hp["objective"]) if cfg.tasks is None else list(cfg.tasks)
-    if not dm.source.captioning_gradable and "captioning" in tasks:
-        tasks.remove("captioning")  # scored by parsing the embedded data's caption grammar
-        print("captioning accuracy needs the embedded data's grammar: skipped (perplexity kept)")
+
+def _evaluate_eager(
+    cfg: DictConfig, model: AutoGLMModel, tokenizer: Any, dm, by_modality: dict, tasks: list[str]
+) -> dict[str, Any]:
+    """The checkpoint: episode recall (``data=episodes``), retrieval and the fused tasks."""
+    by_modality = dict(by_modality)
+    out: dict[str, Any] = {}
+    if "episode" in by_modality:
+        segment_len = model.cfg.text.memory.segment_len
+        out["episode"] = episode_report(model, tokenizer, by_modality.pop("episode"), segment_len)
+        print(
+            f"\nepisode recall on the {cfg.split} split ({cfg.ckpt_path}), "
+            f"{out['episode']['episode recall']['decoding']}\n"
+            f"{format_episode(out['episode']['episode recall'])}\n"
+        )
+    out.update(_retrieval(cfg, model, dm, by_modality, str(cfg.ckpt_path)))
+    media_modalities = [m for m in by_modality if m in MODALITY_TABLE]
     fused: dict[str, dict[str, Any]] = {}
     if tasks:
         weights = {m: cfg.rerank_weight for m in media_modalities}
         if "rerank" in tasks and cfg.rerank_weight is None and cfg.split == "test":
             val = dm.val_dataloader()  # fitted on validation, reported on test
-            for modality, loader in zip(data_cfg.modalities, val, strict=True):
+            for modality, loader in zip(dm.cfg.modalities, val, strict=True):
                 if modality in weights:
                     weights[modality] = fit_rerank_weight_on(model, loader, modality, cfg.rerank_k)
             print(f"ITM re-rank weight fitted on the validation split: {weights}")
@@ -260,24 +364,25 @@ def run(cfg: DictConfig, data_overrides: list[str] | None = None) -> dict[str, A
                 )
             )
         print(format_fused(fused))
+    out["fused"] = fused
+    return out
 
-    out_json = Path(cfg.output_json or Path(cfg.paths.output_dir) / "metrics.json")
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    result = {
-        "ckpt_path": str(cfg.ckpt_path),
-        "split": cfg.split,
-        "retrieval_protocol": {"name": dm.protocol, "rule": PROTOCOLS[dm.protocol]},
-        "retrieval": report,
-        "skipped": skipped,
-    }
-    if fused:
-        result["fused"] = fused
-    if episode:
-        result["episode"] = episode
-    out_json.write_text(json.dumps(result, indent=2))
-    if episode:
-        plot_episode(episode["episode recall"], out_json.with_suffix(".png"))
-    else:
-        plot_report(report, out_json.with_suffix(".png"))
-    print(f"wrote {out_json} and {out_json.with_suffix('.png')}")
-    return result
+
+def _evaluate_exported(
+    cfg: DictConfig, exported: ExportedModel, tokenizer: Any, dm, by_modality: dict, tasks: list
+) -> dict[str, Any]:
+    """The exported folder: retrieval through its towers and text encoder; of the fused tasks
+    those generation serves (perplexity, captioning; the others need the fused encoder)."""
+    by_modality = {m: loader for m, loader in by_modality.items() if m != "episode"}
+    out = {"folder": str(cfg.exported), **_retrieval(cfg, exported, dm, by_modality, cfg.exported)}
+    left = [t for t in tasks if t not in EXPORTED_TASKS]
+    if left:
+        print(f"not exported, skipped for the exported folder: {left}")
+    served = [t for t in tasks if t in EXPORTED_TASKS]
+    out["fused"] = {}
+    for modality, loader in by_modality.items():
+        if served and modality in MODALITY_TABLE:
+            out["fused"].update(exported_report(exported, tokenizer, loader, modality, served))
+    if out["fused"]:
+        print(format_fused(out["fused"]))
+    return out

@@ -124,6 +124,9 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
         group_size=cfg.group_size,
         quant=cfg.quant,
         calibration=calibration,
+        prompt_len=cfg.prompt_len,
+        cache_len=cfg.cache_len,
+        source=cfg.ckpt_path,
     )
     return {"out_dir": str(out_dir), "manifest": manifest}
 

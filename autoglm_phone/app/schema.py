@@ -193,6 +193,8 @@ class EvalConfig:
     data: DataConfig = field(default_factory=DataConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     ckpt_path: str | None = None
+    # an export.py folder, evaluated beside its checkpoint (ckpt_path, else its manifest's source)
+    exported: str | None = None
     split: str = "test"
     task_name: str = "eval"
     seed: int = 42
@@ -212,7 +214,7 @@ class ExportConfig:
     format: str = "executorch"  # executorch (XNNPACK .pte) | onnx
     precision: str = "fp32"  # fp32 | fp16 | int4
     out_dir: str | None = None  # default: <run folder>/<format>_<precision>
-    methods: list[str] = field(default_factory=lambda: ["image", "audio", "text"])
+    methods: list[str] = field(default_factory=lambda: ["image", "audio", "text", "generate"])
     group_size: int = 32  # int4: input channels per weight scale
     max_text_len: int | None = None  # None: the checkpoint's data.max_text_len, else 32
     audio_seconds: float | None = None  # None: the checkpoint's data.audio_seconds, else 1.0
@@ -222,6 +224,9 @@ class ExportConfig:
     preset: str | None = None  # dry_run: a preset name instead of ckpt_path
     vocab_size: int | None = None  # dry_run: for a preset whose vocabulary comes from a tokenizer
     context_len: int = 8192  # dry_run: tokens of FP16 KV cache in the plan
+    # generation: prompt positions per prefill and KV cache slots (memory: one segment each)
+    prompt_len: int = 128
+    cache_len: int | None = None  # None: prompt_len + 128, within text.max_seq_len
     task_name: str = "export"
 
 

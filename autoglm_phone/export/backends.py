@@ -73,6 +73,13 @@ def _onnx_limits(model: AutoGLMModel, precision: str, methods: Sequence[str]) ->
             "has no FP16 ScatterElements(reduction='add'), which the MoE dispatch uses; export "
             "the text method at fp32 or int4, or use format=executorch"
         )
+    generation = {"prefill", "decode"} & set(methods)
+    if precision == "fp16" and generation and model.text.cfg.moe.num_experts:
+        return (
+            f"format=onnx precision=fp16 with an MoE decoder ({', '.join(sorted(generation))}): "
+            "ONNX Runtime's CPU provider has no FP16 ScatterElements(reduction='add'); export "
+            "generation at fp32 or int4, or use format=executorch"
+        )
     return None
 
 

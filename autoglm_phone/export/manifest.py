@@ -3,8 +3,9 @@ are the ones written.
 
 Keys: ``format_version``; ``format`` (``executorch`` / ``onnx``) and ``backend``; ``precision``
 and ``quantization`` (scheme, weight bits, group size; ``null`` at fp32/fp16); ``model``
-(``MultiModalConfig.to_dict()``); ``tokenizer`` (the folder the tokenizer files are copied to);
-``shapes`` (the fixed text length and audio clip); ``methods`` (per method: its file and each
+(``MultiModalConfig.to_dict()``); ``source`` (the checkpoint exported, or null); ``tokenizer``
+(the folder the tokenizer files are copied to); ``shapes`` (the fixed text length and audio
+clip, the generation prompt length and KV cache slots); ``methods`` (per method: its file and each
 input's and output's name, shape and dtype); ``files`` (every file but the manifest: size in
 bytes and sha256); ``export_seconds`` per method; ``versions`` of the libraries that wrote it.
 """

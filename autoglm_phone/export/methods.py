@@ -6,21 +6,29 @@ their tower once and return both uses of it, the normalised retrieval embedding
 ``text`` is ``encode_text``. Inputs and outputs are float32 / int64 / bool at every precision
 (the cast to the artifact's dtype is inside), so an app calls every precision alike.
 
-Shapes are fixed (batch 1, one clip length, one text length): ExecuTorch plans memory for them,
-and a dynamic clip length does not export. The runtime loops over a batch (docs/EXPORT.md).
-Generation methods (prefill / decode with the KV cache as state) are a later addition to
-:data:`METHODS`.
+Shapes are fixed (batch 1, one clip length, one text length, one prompt length): ExecuTorch plans
+memory for them, and a dynamic clip length does not export. The runtime loops over a batch
+(docs/EXPORT.md). The generation methods (``embed``, ``prefill``, ``decode`` and, with
+``text.memory``, ``memory_write``) carry the decoder's state as explicit inputs and outputs
+(``generation.py``); ``generate`` names them all.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autoglm_phone.export.generation import (
+    Decode,
+    MemoryWrite,
+    Prefill,
+    SegmentDecode,
+    SegmentPrefill,
+)
 from autoglm_phone.models.autoglm import AutoGLMModel, modality_of
 from autoglm_phone.models.towers import TowerOutput
 
@@ -31,6 +39,10 @@ class Shapes:
 
     max_text_len: int  # tokens per text (shorter texts are right-padded by the runtime)
     audio_samples: int  # samples per clip at the audio tower's rate
+    # generation: prompt embeddings per prefill call and KV cache slots (with text.memory both
+    # are memory.segment_len: the prompt goes segment by segment, the cache holds one segment)
+    prompt_len: int = 0
+    cache_len: int = 0
 
 
 @dataclass(frozen=True)
@@ -152,15 +164,114 @@ def text_method(model: AutoGLMModel, shapes: Shapes, dtype: torch.dtype) -> Meth
     )
 
 
+class TokenEmbed(nn.Module):
+    """``input_ids`` ``(1, P)`` -> ``inputs_embeds`` ``(1, P, C)`` float32: the decoder's token
+    embeddings, for the runtime to place text and media markers beside media tokens."""
+
+    def __init__(self, model: AutoGLMModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.text.embed_tokens(input_ids).float()
+
+
+def _state(model: AutoGLMModel, shapes: Shapes, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Example decoder state at the export's shapes: memory slots, KV caches."""
+    cfg = model.cfg.text
+    kv = (cfg.num_layers, 1, cfg.num_kv_heads, shapes.cache_len, cfg.head_dim)
+    state = {"k_cache": torch.zeros(kv, dtype=dtype), "v_cache": torch.zeros(kv, dtype=dtype)}
+    if cfg.memory.enabled:
+        slots = (cfg.num_layers, 1, cfg.memory.num_slots, cfg.hidden_size)
+        state["filled"] = torch.ones(1, dtype=torch.bool)
+        state["memory"] = 0.02 * torch.randn(slots, generator=torch.Generator().manual_seed(0))
+        state["memory"] = state["memory"].to(dtype)
+    return state
+
+
+def embed_method(model: AutoGLMModel, shapes: Shapes, dtype: torch.dtype) -> Method:
+    ids = torch.zeros(1, shapes.prompt_len, dtype=torch.long)
+    return Method("embed", TokenEmbed(model), (ids,), ("input_ids",), ("inputs_embeds",))
+
+
+def prefill_method(model: AutoGLMModel, shapes: Shapes, dtype: torch.dtype) -> Method:
+    c = model.cfg.text.hidden_size
+    g = torch.Generator().manual_seed(0)
+    embeds = 0.02 * torch.randn(1, shapes.prompt_len, c, generator=g)
+    length = torch.tensor([max(1, shapes.prompt_len - 3)])  # padded: the masks are traced
+    if not model.cfg.text.memory.enabled:
+        module = Prefill(model.text, dtype, shapes.cache_len)
+        return Method(
+            "prefill",
+            module,
+            (embeds, length),
+            ("inputs_embeds", "length"),
+            ("logits", "k_cache", "v_cache"),
+        )
+    state = _state(model, shapes, dtype)
+    return Method(
+        "prefill",
+        SegmentPrefill(model.text, dtype),
+        (embeds, length, state["filled"], state["memory"]),
+        ("inputs_embeds", "length", "filled", "memory"),
+        ("logits", "memory_out", "filled_out", "k_cache", "v_cache"),
+    )
+
+
+def decode_method(model: AutoGLMModel, shapes: Shapes, dtype: torch.dtype) -> Method:
+    token, position = torch.tensor([[1]]), torch.tensor([min(2, shapes.cache_len - 1)])
+    state = _state(model, shapes, dtype)
+    caches = (state["k_cache"], state["v_cache"])
+    outputs = ("logits", "k_cache_out", "v_cache_out")
+    if not model.cfg.text.memory.enabled:
+        inputs = ("input_ids", "position", "k_cache", "v_cache")
+        return Method(
+            "decode", Decode(model.text, dtype), (token, position, *caches), inputs, outputs
+        )
+    return Method(
+        "decode",
+        SegmentDecode(model.text, dtype),
+        (token, position, state["filled"], state["memory"], *caches),
+        ("input_ids", "position", "filled", "memory", "k_cache", "v_cache"),
+        outputs,
+    )
+
+
+def memory_write_method(model: AutoGLMModel, shapes: Shapes, dtype: torch.dtype) -> Method:
+    state = _state(model, shapes, dtype)
+    return Method(
+        "memory_write",
+        MemoryWrite(model.text, dtype),
+        (state["filled"], state["memory"], state["k_cache"], state["v_cache"]),
+        ("filled", "memory", "k_cache", "v_cache"),
+        ("memory_out",),
+    )
+
+
 # name -> builder(model, shapes, dtype); every artifact file holds one method of this name
 METHODS: dict[str, Callable[[AutoGLMModel, Shapes, torch.dtype], Method]] = {
     "image": image_method,
     "audio": audio_method,
     "text": text_method,
+    "embed": embed_method,
+    "prefill": prefill_method,
+    "decode": decode_method,
+    "memory_write": memory_write_method,
 }
-# asked for by name and refused: they are the generation side, not exported yet
-NOT_YET = {
-    "prefill": "generation methods are not exported yet (prefill/decode with the KV cache as "
-    "state, the MoE experts' quantisation and the memory state are a later step; docs/EXPORT.md)",
-}
-NOT_YET["decode"] = NOT_YET["generate"] = NOT_YET["prefill"]
+RETRIEVAL = ("image", "audio", "text")
+
+
+def generation_methods(model: AutoGLMModel) -> tuple[str, ...]:
+    """What ``generate`` names for ``model``: ``memory_write`` only with ``text.memory``."""
+    extra = ("memory_write",) if model.cfg.text.memory.enabled else ()
+    return ("embed", "prefill", "decode", *extra)
+
+
+def expand_methods(model: AutoGLMModel, methods: Sequence[str]) -> tuple[str, ...]:
+    """``methods`` with ``generate`` replaced by :func:`generation_methods`, in order, once each."""
+    out: list[str] = []
+    for name in methods:
+        for m in generation_methods(model) if name == "generate" else (name,):
+            if m not in out:
+                out.append(m)
+    return tuple(out)

@@ -21,7 +21,7 @@ from torch.export.graph_signature import InputKind
 
 from autoglm_phone.export.backends import get_backend
 from autoglm_phone.export.manifest import write_manifest
-from autoglm_phone.export.methods import METHODS, NOT_YET, Shapes
+from autoglm_phone.export.methods import METHODS, RETRIEVAL, Shapes, expand_methods
 from autoglm_phone.export.precision import (
     DEFAULT_GROUP_SIZE,
     QUANT_METHODS,
@@ -37,6 +37,9 @@ from autoglm_phone.models.autoglm import AutoGLMModel
 TOKENIZER_DIR = "tokenizer"
 DEFAULT_MAX_TEXT_LEN = 32  # the synthetic data's max_text_len
 DEFAULT_AUDIO_SECONDS = 1.0  # the synthetic data's clips
+DEFAULT_PROMPT_LEN = 128  # prefill embeddings: an image and a sound block and a question
+DEFAULT_NEW_TOKENS = 128  # cache slots after the prompt (cache_len = prompt_len + this)
+DEFAULT_METHODS = (*RETRIEVAL, "generate")
 
 
 class NotExportable(ValueError):
@@ -46,10 +49,12 @@ class NotExportable(ValueError):
 def check_exportable(model: AutoGLMModel, methods: Sequence[str], shapes: Shapes) -> None:
     """Refuse, naming it, what would not export or would export as something else."""
     for name in methods:
-        if name in NOT_YET:
-            raise NotExportable(f"method {name!r}: {NOT_YET[name]}")
         if name not in METHODS:
-            raise NotExportable(f"unknown method {name!r}; exportable: {', '.join(METHODS)}")
+            raise NotExportable(
+                f"unknown method {name!r}; exportable: {', '.join(METHODS)} (or generate)"
+            )
+    if {"prefill", "decode", "memory_write"} & set(methods):
+        check_generation(model, methods, shapes)
     if "text" not in methods:
         return
     text = model.itc_text_tower.cfg
@@ -90,6 +95,47 @@ def _folder_bits(out: Path, entries: dict[str, dict[str, Any]]) -> float:
     """Bits per weight over every artifact of the folder: their file bits / their weights."""
     size = sum((out / e["file"]).stat().st_size for e in entries.values())
     return round(8 * size / max(sum(e["weights"] for e in entries.values()), 1), 3)
+
+
+def check_generation(model: AutoGLMModel, methods: Sequence[str], shapes: Shapes) -> None:
+    """Refuse, naming it, a decoder whose generation methods would not export as eager runs."""
+    text = model.text.cfg
+    if text.moe.num_experts and text.moe.capacity_factor <= 0:
+        raise NotExportable(
+            "text.moe.capacity_factor <= 0 (dropless MoE) in the decoder sizes its buffer from "
+            "the data; prefill/decode cannot export: set a capacity factor > 0"
+        )
+    memory = text.memory
+    if memory.enabled and not memory.carry:
+        raise NotExportable(
+            "text.memory.carry=false (the no-memory ablation) is not exported: its segments "
+            "neither read nor write; export the model with carry on, or without memory"
+        )
+    if memory.enabled and "decode" in methods and "memory_write" not in methods:
+        raise NotExportable(
+            "text.memory.enabled: decode needs memory_write (a full segment is written to the "
+            "memory slots); ask for both, or for generate"
+        )
+    if not memory.enabled and "memory_write" in methods:
+        raise NotExportable("memory_write: this decoder has no memory (text.memory.enabled=false)")
+    if not memory.enabled and not 1 <= shapes.prompt_len <= shapes.cache_len <= text.max_seq_len:
+        raise NotExportable(
+            f"prompt_len={shapes.prompt_len} and cache_len={shapes.cache_len} must satisfy "
+            f"1 <= prompt_len <= cache_len <= text.max_seq_len={text.max_seq_len}"
+        )
+
+
+def generation_shapes(
+    model: AutoGLMModel, prompt_len: int, cache_len: int | None
+) -> tuple[int, int]:
+    """``(prompt_len, cache_len)``: one segment each with ``text.memory``; else as asked, the
+    cache defaulting to the prompt plus :data:`DEFAULT_NEW_TOKENS`, within ``max_seq_len``."""
+    text = model.text.cfg
+    if text.memory.enabled:
+        return text.memory.segment_len, text.memory.segment_len
+    if cache_len is None:
+        cache_len = min(prompt_len + DEFAULT_NEW_TOKENS, text.max_seq_len)
+    return prompt_len, cache_len
 
 
 def _versions() -> dict[str, str]:
@@ -152,21 +198,32 @@ def export_model(
     format: str = "executorch",
     precision: str = "fp32",
     tokenizer: Any = None,
-    methods: Sequence[str] = tuple(METHODS),
+    methods: Sequence[str] = DEFAULT_METHODS,
     max_text_len: int = DEFAULT_MAX_TEXT_LEN,
     audio_seconds: float = DEFAULT_AUDIO_SECONDS,
     group_size: int = DEFAULT_GROUP_SIZE,
     quant: str = "rtn",
     calibration: Calibration | None = None,
+    prompt_len: int = DEFAULT_PROMPT_LEN,
+    cache_len: int | None = None,
+    source: str | Path | None = None,
 ) -> dict[str, Any]:
     """Write ``methods`` of ``model`` to ``out_dir`` (``<method><suffix>`` each, the tokenizer
     in ``tokenizer/``, ``manifest.json``); returns the manifest. ``out_dir`` must be empty or
     new. The model itself is not changed (each precision works on a copy). ``quant`` (INT4
     only): ``rtn`` rounds to nearest, ``awq`` searches per-channel scales on ``calibration``
-    (per method, a sequence of input tuples at the export's shapes, batch 1)."""
+    (per method, a sequence of input tuples at the export's shapes, batch 1). ``generate`` in
+    ``methods`` names the generation methods; ``prompt_len`` / ``cache_len`` are their fixed
+    prompt length and KV cache slots (:func:`generation_shapes`). ``source``: the checkpoint
+    it came from, recorded for ``eval.py exported=...``."""
     backend, prec = get_backend(format), get_precision(precision)
     _check_quant(backend.name, backend.quant_methods, prec, quant, calibration)
-    shapes = Shapes(max_text_len, round(model.cfg.audio.sample_rate * audio_seconds))
+    methods = expand_methods(model, methods)
+    shapes = Shapes(
+        max_text_len,
+        round(model.cfg.audio.sample_rate * audio_seconds),
+        *generation_shapes(model, prompt_len, cache_len),
+    )
     if max_text_len < 1 or shapes.audio_samples <= model.cfg.audio.n_fft // 2:
         raise ValueError(f"export shapes too small: {shapes}")
     check_exportable(model, methods, shapes)
@@ -210,6 +267,7 @@ def export_model(
         "calibration": calibration_summary,
         "bits_per_weight": _folder_bits(out, entries),
         "model": model.cfg.to_dict(),
+        "source": None if source is None else str(Path(source).resolve()),
         "tokenizer": TOKENIZER_DIR if tokenizer is not None else None,
         "shapes": {**asdict(shapes), "sample_rate": model.cfg.audio.sample_rate},
         "methods": entries,

@@ -182,7 +182,9 @@ class MemoryBlock(Block):
         ``mask`` ``(B, 1, Q, K)`` -> ``(B, Q, C)``."""
         attn = self.self_attn
         gqa = attn.num_kv_heads != attn.num_heads
-        if not filled.any():  # nothing written yet: exactly the GLM-4 attention
+        # nothing written yet: exactly the GLM-4 attention (an export traces the general path;
+        # its slots are then masked out)
+        if not torch.compiler.is_exporting() and not filled.any():
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         else:  # memory keys at position 0, i.e. unrotated
             mem_k, mem_v = self._heads(attn.k_proj, mem), self._heads(attn.v_proj, mem)
@@ -316,7 +318,7 @@ class SegmentRunner:
         for layer, mem in zip(self.decoder.layers, slots, strict=True):
             x, k, v = layer.forward_segment(x, rope, mask, token_mask, mem, filled)
             kv.append((k, v))
-            if write.any():
+            if torch.compiler.is_exporting() or write.any():  # export: a static graph
                 mem = torch.where(
                     write[:, None, None], layer.write(mem, k, v, counts, self.rope), mem
                 )
