@@ -193,6 +193,32 @@ def plot_episode(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def run_headroom(
+    cfg: DictConfig, model: AutoGLMModel, tokenizer: Any, data_cfg: DataConfig
+) -> dict[str, Any]:
+    """The hard suites (:mod:`autoglm_phone.app.eval_headroom`) with the checkpoint's data spec."""
+    from autoglm_phone.app.eval_headroom import format_headroom, headroom_report
+    from autoglm_phone.data.synthetic import SyntheticSpec
+
+    if data_cfg.name != "synthetic":
+        raise ValueError(
+            f"headroom=true needs the embedded data (data=synthetic), not {data_cfg.name!r}"
+        )
+    spec = SyntheticSpec(
+        seed=data_cfg.seed,
+        image_size=data_cfg.image_size,
+        sample_rate=data_cfg.sample_rate,
+        audio_seconds=data_cfg.audio_seconds,
+    )
+    report = headroom_report(
+        model, tokenizer, spec, list(data_cfg.modalities), cfg.headroom_size,
+        data_cfg.max_text_len, data_cfg.eval_batch_size,
+    )  # fmt: skip
+    print(f"\nheadroom suites ({cfg.headroom_size} samples each, {cfg.ckpt_path})\n"
+          f"{format_headroom(report)}\n")  # fmt: skip
+    return report
+
+
 def run(cfg: DictConfig, data_overrides: list[str] | None = None) -> dict[str, Any]:
     if not cfg.ckpt_path:
         raise ValueError("ckpt_path is required: python eval.py ckpt_path=path/to/last.ckpt")
@@ -261,6 +287,10 @@ def run(cfg: DictConfig, data_overrides: list[str] | None = None) -> dict[str, A
             )
         print(format_fused(fused))
 
+    headroom = None
+    if cfg.headroom:
+        headroom = run_headroom(cfg, model, tokenizer, data_cfg)
+
     out_json = Path(cfg.output_json or Path(cfg.paths.output_dir) / "metrics.json")
     out_json.parent.mkdir(parents=True, exist_ok=True)
     result = {
@@ -274,6 +304,8 @@ def run(cfg: DictConfig, data_overrides: list[str] | None = None) -> dict[str, A
         result["fused"] = fused
     if episode:
         result["episode"] = episode
+    if headroom:
+        result["headroom"] = headroom
     out_json.write_text(json.dumps(result, indent=2))
     if episode:
         plot_episode(episode["episode recall"], out_json.with_suffix(".png"))
