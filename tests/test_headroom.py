@@ -153,3 +153,13 @@ def test_eval_reports_headroom_suites(base_ckpt, cache_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "headroom suite" in printed and "confusion (rows: truth" in printed
     assert format_headroom(headroom) in printed
+
+
+def test_headroom_needs_the_embedded_data(base_ckpt, cache_dir, tmp_path):
+    cfg = compose_config(
+        "eval",
+        [f"ckpt_path={base_ckpt}", "headroom=true", f"paths.cache_dir={cache_dir}",
+         f"paths.output_dir={tmp_path}"],
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="headroom=true needs the embedded data .*'manifest'"):
+        evaluate.run(cfg, data_overrides=["data.name=manifest"])

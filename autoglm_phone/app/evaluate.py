@@ -200,10 +200,6 @@ def run_headroom(
     from autoglm_phone.app.eval_headroom import format_headroom, headroom_report
     from autoglm_phone.data.synthetic import SyntheticSpec
 
-    if data_cfg.name != "synthetic":
-        raise ValueError(
-            f"headroom=true needs the embedded data (data=synthetic), not {data_cfg.name!r}"
-        )
     spec = SyntheticSpec(
         seed=data_cfg.seed,
         image_size=data_cfg.image_size,
@@ -230,6 +226,10 @@ def run(cfg: DictConfig, data_overrides: list[str] | None = None) -> dict[str, A
             data, OmegaConf.from_dotlist([o.removeprefix("data.") for o in data_overrides])
         )
     data_cfg: DataConfig = OmegaConf.to_object(data)
+    if cfg.headroom and data_cfg.name != "synthetic":  # before any data loads
+        raise ValueError(
+            f"headroom=true needs the embedded data (data=synthetic), not {data_cfg.name!r}"
+        )
     dm = MultiModalDataModule(data_cfg, cfg.paths.cache_dir, image_size=model.cfg.vision.img_size)
     dm.set_tokenizer(tokenizer)
     loaders = dm.test_dataloader() if cfg.split == "test" else dm.val_dataloader()
