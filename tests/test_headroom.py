@@ -153,6 +153,7 @@ def test_eval_reports_headroom_suites(base_ckpt, cache_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "headroom suite" in printed and "confusion (rows: truth" in printed
     assert format_headroom(headroom) in printed
+    assert (tmp_path / "metrics_headroom.png").stat().st_size > 0
 
 
 def test_headroom_needs_the_embedded_data(base_ckpt, cache_dir, tmp_path):

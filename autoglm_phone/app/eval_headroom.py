@@ -215,3 +215,23 @@ def format_headroom(report: dict[str, Any]) -> str:
                 )
                 lines.append(f"  {value:<8}" + cells)
     return "\n".join(lines)
+
+
+def plot_headroom(report: dict[str, Any], path) -> None:
+    """Horizontal bars of every headline score of :func:`headroom_summary`, chance as black ticks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = headroom_summary(report)[::-1]  # first row on top
+    fig, ax = plt.subplots(figsize=(7, 0.28 * len(rows) + 1))
+    ys = range(len(rows))
+    ax.barh(ys, [score for _, score, _ in rows])
+    ax.scatter([chance for *_, chance in rows], ys, marker="|", s=120, c="k", zorder=3)
+    ax.set_yticks(ys, [name for name, *_ in rows], fontsize="small")
+    ax.set_xlabel("score (%)  — black: chance")
+    ax.set_xlim(0, 100)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

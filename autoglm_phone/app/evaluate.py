@@ -311,5 +311,9 @@ def run(cfg: DictConfig, data_overrides: list[str] | None = None) -> dict[str, A
         plot_episode(episode["episode recall"], out_json.with_suffix(".png"))
     else:
         plot_report(report, out_json.with_suffix(".png"))
+    if headroom:
+        from autoglm_phone.app.eval_headroom import plot_headroom
+
+        plot_headroom(headroom, out_json.with_name(out_json.stem + "_headroom.png"))
     print(f"wrote {out_json} and {out_json.with_suffix('.png')}")
     return result
