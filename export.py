@@ -1,5 +1,6 @@
 """Export for device: `python export.py ckpt_path=<ckpt or folder> format=executorch precision=int4`
-(Hydra; see conf/export.yaml and docs/EXPORT.md)."""
+(`quant=awq` for the calibrated INT4; `dry_run=true preset=autoglm-phone-9b` prints the INT4
+size plan and builds nothing). Hydra; see conf/export.yaml and docs/EXPORT.md."""
 
 import os
 from pathlib import Path

@@ -1,7 +1,9 @@
-"""Benchmark the MoE FFN: sorted dispatch vs a dense reference vs an equal-active-size SwiGLU.
+"""Benchmark the MoE FFN: sorted dispatch vs a dense reference vs an equal-active-size SwiGLU,
+and against transformers' ``MixtralSparseMoeBlock`` holding the same weights.
 
     PYTHONPATH=. python bench/moe.py [--quick] [--device cpu|cuda] [--out outputs/bench/moe.json]
                                      [--dtype float32|bfloat16] [--threads N]
+                                     [--part all|variants|mixtral]
 
 For each (tokens, experts, top-k) setting, times forward + backward steps of the four variants
 round-robin (one warm-up step each, then the median over rounds, so load from other processes
@@ -17,7 +19,15 @@ hits all four alike):
 and reports tokens/s, ratios against (a) and (d) from the same run, the bytes autograd saves
 for backward (any device) and the peak allocated memory (CUDA only). It also measures the
 fraction of assignments dropped at capacity factors 1.0 / 1.25 / 2.0 for randomly initialised
-routers on Gaussian inputs. Prints a markdown table and writes JSON.
+routers on Gaussian inputs.
+
+The Mixtral comparison (hidden 512, expert FFN 1408, 8 experts, top-2, 2048 tokens; 1024 with
+``--quick``) times forward + backward (input gradient included) of our layer in each mode and
+dispatch (capacity 1.25 and dropless; ``auto``, which sorts on CPU, and ``static``, the export
+path) and of the block with transformers' ``eager`` and ``grouped_mm`` experts, after checking
+that every output matches the block's. The variants run interleaved, in a rotated order each
+round; a ratio is the median over rounds of the block's time over ours in the same round.
+Prints markdown tables and writes JSON.
 """
 
 from __future__ import annotations
@@ -36,12 +46,23 @@ import torch
 from torch import nn
 
 from autoglm_phone.config import MoEConfig
+from autoglm_phone.models.convert import mixtral_moe_block
 from autoglm_phone.models.glm import SwiGLU
 from autoglm_phone.models.moe import MoEFeedForward
 
 FULL = {"hidden": 256, "ffn": 512, "settings": [(4096, 8, 1), (4096, 8, 2), (4096, 16, 2)]}
 QUICK = {"hidden": 128, "ffn": 256, "settings": [(1024, 8, 1), (1024, 8, 2), (2048, 16, 2)]}
 DROP_FACTORS = (1.0, 1.25, 2.0)
+# transformers' MixtralSparseMoeBlock at the sizes of issue 16 (the first Mixtral-like MoE width)
+MIXTRAL = {"hidden": 512, "ffn": 1408, "experts": 8, "top_k": 2, "tokens": 2048}
+MIXTRAL_QUICK = {**MIXTRAL, "tokens": 1024}
+OURS = {  # name: (capacity factor, dispatch)
+    "capacity": (1.25, "auto"),
+    "dropless": (0.0, "auto"),
+    "capacity_static": (1.25, "static"),
+    "dropless_static": (0.0, "static"),
+}
+MIXTRAL_IMPLEMENTATIONS = ("eager", "grouped_mm")
 
 
 def saved_activation_bytes(forward: Callable[[], torch.Tensor], module: nn.Module) -> int:
@@ -83,21 +104,9 @@ def bench_setting(
         "dense_active": (dense, dense),
     }
 
-    def make_step(fn: Callable, module: nn.Module) -> tuple[Callable, Callable]:
-        def forward() -> torch.Tensor:
-            loss = fn(x).float().square().mean()
-            aux = getattr(module, "aux_loss", None)
-            return loss + aux if isinstance(aux, torch.Tensor) and aux.requires_grad else loss
-
-        def step() -> None:
-            forward().backward()
-            module.zero_grad(set_to_none=True)
-
-        return forward, step
-
     rows, steps = {}, {}
     for name, (fn, module) in variants.items():
-        forward, step = make_step(fn, module)
+        forward, step = make_step(fn, module, x)
         steps[name] = step
         step()  # warm-up
         peak = None
@@ -115,18 +124,13 @@ def bench_setting(
             "experts": experts,
             "top_k": top_k,
             "variant": name,
-            "expert_gflop": expert_gflop(name, module, tokens, hidden, ffn, top_k),
+            "expert_gflop": expert_gflop(name, module, x, ffn, top_k),
             "saved_mib": saved_activation_bytes(forward, module) / 2**20,
             "peak_mib": peak,
             "times": [],
         }
-    for _ in range(rounds):
-        for name, step in steps.items():
-            _sync(x.device)
-            start = time.perf_counter()
-            step()
-            _sync(x.device)
-            rows[name]["times"].append(time.perf_counter() - start)
+    for name, times in round_robin(steps, rounds, x.device).items():
+        rows[name]["times"] = times
     for r in rows.values():
         r["seconds"] = statistics.median(r["times"])
         r["tokens_per_s"] = tokens / r["seconds"]
@@ -136,15 +140,122 @@ def bench_setting(
     return list(rows.values())
 
 
-def expert_gflop(name: str, module: nn.Module, tokens: int, hidden: int, ffn: int, k: int) -> float:
+def make_step(fn: Callable, module: nn.Module, x: torch.Tensor) -> tuple[Callable, Callable]:
+    """``forward()`` (the loss: mean square output, plus the router losses where they have a
+    gradient) and ``step()``: forward + backward, then gradients cleared."""
+
+    def forward() -> torch.Tensor:
+        loss = fn(x).float().square().mean()
+        aux = getattr(module, "aux_loss", None)
+        return loss + aux if isinstance(aux, torch.Tensor) and aux.requires_grad else loss
+
+    def step() -> None:
+        forward().backward()
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+
+    return forward, step
+
+
+def round_robin(
+    steps: dict[str, Callable], rounds: int, device: torch.device, rotate: bool = False
+) -> dict[str, list[float]]:
+    """Seconds per call of each step, ``rounds`` times, interleaved so load from other processes
+    hits them alike; ``rotate`` starts each round one variant later (no fixed neighbours)."""
+    names = list(steps)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)] if rotate else names:
+            _sync(device)
+            start = time.perf_counter()
+            steps[name]()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def expert_gflop(name: str, module: nn.Module, x: torch.Tensor, ffn: int, k: int) -> float:
     """Forward + backward (3x forward) FLOPs of the expert matmuls, padding rows included."""
+    tokens, hidden = x.shape
     if name == "dense_active":
         rows = tokens * k
     elif name == "dense_ref":
         rows = tokens * module.num_experts
+    elif module.sorts(x):  # exactly the kept assignments
+        rows = tokens * k - int(module.stats["dropped"])
     else:  # the (E, capacity, C) buffer of the last call
         rows = module.num_experts * int(module.stats["capacity"])
     return 3 * 2 * rows * 3 * hidden * ffn / 1e9
+
+
+def bench_vs_mixtral(
+    sizes: dict, routing: str, device: str, dtype: torch.dtype, rounds: int
+) -> dict:
+    """Our layer (each mode and dispatch) against ``MixtralSparseMoeBlock`` with its weights.
+
+    ``routing="balanced"``: the freshly initialised router on Gaussian inputs (loads within ~10%);
+    ``"skewed"``: inputs shifted by +0.5 and router row 0 raised by 0.05, so expert 0 is in every
+    token's top-k (a collapsed router: the busiest expert holds all ``tokens`` assignments)."""
+    tokens, hidden, ffn = sizes["tokens"], sizes["hidden"], sizes["ffn"]
+    torch.manual_seed(0)
+    modules: dict[str, nn.Module] = {}
+    for name, (factor, dispatch) in OURS.items():
+        cfg = MoEConfig(num_experts=sizes["experts"], top_k=sizes["top_k"])
+        modules[name] = MoEFeedForward(
+            hidden, ffn, replace(cfg, capacity_factor=factor), dispatch=dispatch
+        ).to(device, dtype)
+        if name != "capacity":
+            modules[name].load_state_dict(modules["capacity"].state_dict())
+    x = torch.randn(1, tokens, hidden, device=device, dtype=dtype)
+    if routing == "skewed":
+        x += 0.5
+        for name in OURS:
+            modules[name].router.weight.data[0] += 0.05
+    for impl in MIXTRAL_IMPLEMENTATIONS:
+        modules[f"mixtral_{impl}"] = mixtral_moe_block(modules["dropless"], impl)
+    x.requires_grad_()
+
+    # every output checked before any timing: against the block where nothing is dropped, and
+    # each static dispatch against its sorted twin (drops included)
+    with torch.no_grad():
+        outputs = {name: m(x) for name, m in modules.items()}
+    dropped = {name: int(modules[name].stats["dropped"]) for name in OURS}
+    max_diff = {n: (o - outputs["mixtral_eager"]).abs().max().item() for n, o in outputs.items()}
+    tol = 1e-4 if dtype == torch.float32 else 0.1
+    for name, diff in max_diff.items():
+        if dropped.get(name, 0) == 0 and not diff <= tol:
+            raise AssertionError(f"{name} differs from MixtralSparseMoeBlock by {diff:.3g}")
+    for name in ("capacity", "dropless"):
+        diff = (outputs[f"{name}_static"] - outputs[name]).abs().max().item()
+        if not diff <= tol:
+            raise AssertionError(f"{name}_static differs from {name} by {diff:.3g}")
+
+    steps = {}
+    for name, module in modules.items():
+        steps[name] = make_step(module, module, x)[1]
+        steps[name]()  # warm-up
+    times = round_robin(steps, rounds, x.device, rotate=True)
+    rows = []
+    for name, module in modules.items():
+        ours = isinstance(module, MoEFeedForward)
+        row = {
+            "variant": name,
+            "dispatch": ("sorted" if module.sorts(x) else "static") if ours else None,
+            "dropped": dropped.get(name),
+            "busiest_expert": int(module.stats["load"].max() * sizes["top_k"] * tokens)
+            if ours
+            else None,
+            "max_abs_diff_vs_mixtral": max_diff[name],
+            "times": times[name],
+            "seconds": statistics.median(times[name]),
+        }
+        for impl in MIXTRAL_IMPLEMENTATIONS:  # per-round ratios: the load is shared within one
+            ref = times[f"mixtral_{impl}"]
+            ratios = [b / a for a, b in zip(times[name], ref, strict=True)]
+            row[f"speed_vs_mixtral_{impl}"] = statistics.median(ratios)
+            row[f"speed_vs_mixtral_{impl}_range"] = (min(ratios), max(ratios))
+        rows.append(row)
+    return {**sizes, "routing": routing, "rounds": rounds, "rows": rows}
 
 
 @torch.no_grad()
@@ -171,12 +282,20 @@ def _fmt(v: float | None, spec: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, ~1 minute on a CPU")
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes, ~3 minutes on a loaded 2-core CPU"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--out", type=Path, default=Path("outputs/bench/moe.json"))
     parser.add_argument(
         "--threads", type=int, default=None, help="CPU threads (1 on an oversubscribed machine)"
+    )
+    parser.add_argument(
+        "--part",
+        default="all",
+        choices=["all", "variants", "mixtral"],
+        help="the dense/dispatch variants, the MixtralSparseMoeBlock comparison, or both",
     )
     args = parser.parse_args()
     if args.threads:
@@ -186,13 +305,20 @@ def main() -> None:
     rounds = 5 if args.quick else 10
     hidden, ffn = preset["hidden"], preset["ffn"]
 
-    rows = []
-    for tokens, experts, top_k in preset["settings"]:
-        rows += bench_setting(tokens, experts, top_k, hidden, ffn, args.device, dtype, rounds)
-    drops = {
-        f"{t},{e},{k}": drop_fractions(t, e, k, hidden, args.device)
-        for t, e, k in preset["settings"]
-    }
+    rows, drops, mixtral = [], {}, None
+    if args.part in ("all", "variants"):
+        for tokens, experts, top_k in preset["settings"]:
+            rows += bench_setting(tokens, experts, top_k, hidden, ffn, args.device, dtype, rounds)
+        drops = {
+            f"{t},{e},{k}": drop_fractions(t, e, k, hidden, args.device)
+            for t, e, k in preset["settings"]
+        }
+    if args.part in ("all", "mixtral"):
+        sizes = MIXTRAL_QUICK if args.quick else MIXTRAL
+        mixtral = [
+            bench_vs_mixtral(sizes, routing, args.device, dtype, rounds=5 if args.quick else 9)
+            for routing in ("balanced", "skewed")
+        ]
 
     machine = {
         "device": args.device,
@@ -202,7 +328,28 @@ def main() -> None:
         "platform": platform.machine(),
         "torch": torch.__version__,
     }
-    print(f"hidden {hidden}, expert ffn {ffn}, {args.dtype}, {machine}\n")
+    print(f"{args.dtype}, {machine}\n")
+    if rows:
+        print_variants(rows, drops, hidden, ffn)
+    for result in mixtral or []:
+        print_mixtral(result)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "hidden": hidden,
+        "expert_ffn": ffn,
+        "machine": machine,
+        "throughput": rows,
+        "drop_fraction": drops,
+        "vs_mixtral": mixtral,
+    }
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+def print_variants(rows: list[dict], drops: dict, hidden: int, ffn: int) -> None:
+    print(f"hidden {hidden}, expert ffn {ffn}\n")
     print(
         "| tokens | E | k | variant | expert GFLOP | ms/step | tokens/s | vs dense_ref "
         "| vs dense_active | saved MiB | peak MiB |"
@@ -221,17 +368,33 @@ def main() -> None:
     for key, fracs in drops.items():
         print(f"| {key} | " + " | ".join(f"{v:.3f}" for v in fracs.values()) + " |")
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "hidden": hidden,
-        "expert_ffn": ffn,
-        "machine": machine,
-        "throughput": rows,
-        "drop_fraction": drops,
-    }
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.out}")
+
+def print_mixtral(result: dict) -> None:
+    print(
+        f"\nvs transformers' MixtralSparseMoeBlock: hidden {result['hidden']}, expert ffn "
+        f"{result['ffn']}, E={result['experts']}, k={result['top_k']}, {result['tokens']} tokens, "
+        f"{result['routing']} routing, forward + backward, median of {result['rounds']} "
+        "interleaved rounds "
+        "(speed = block time / ours, per round; min-max in brackets)\n"
+    )
+    print(
+        "| variant | dispatch | busiest expert | dropped | max abs diff | ms/step "
+        "| vs mixtral eager | vs mixtral grouped_mm |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        speeds = [
+            f"{r[f'speed_vs_mixtral_{i}']:.2f}x ({r[f'speed_vs_mixtral_{i}_range'][0]:.2f}-"
+            f"{r[f'speed_vs_mixtral_{i}_range'][1]:.2f})"
+            for i in MIXTRAL_IMPLEMENTATIONS
+        ]
+        print(
+            f"| {r['variant']} | {r['dispatch'] or 'n/a'} | {_fmt(r['busiest_expert'], 'd')} "
+            f"| {_fmt(r['dropped'], 'd')} "
+            f"| {r['max_abs_diff_vs_mixtral']:.1e} | {1e3 * r['seconds']:.0f} | "
+            + " | ".join(speeds)
+            + " |"
+        )
 
 
 if __name__ == "__main__":

@@ -56,6 +56,20 @@ def moe_ratios(result: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def export_ratios(result: dict[str, Any]) -> dict[str, float]:
+    arts, latency = result["artifacts"], result["latency_ms"]["1"]  # JSON keys: thread counts
+    out = {}
+    for key, art in arts.items():
+        for name, m in art["methods"].items():
+            if art["precision"] != "fp32":
+                fp32 = arts[f"{art['format']}_fp32"]["methods"][name]["bytes"]
+                out[f"{key} {name}: size / fp32"] = m["bytes"] / fp32
+            out[f"{key} {name}: speed vs eager, 1 thread"] = (
+                latency[name]["eager"] / latency[name][key]
+            )
+    return out
+
+
 def memory_ratios(result: dict[str, Any]) -> dict[str, float]:
     peaks: dict[tuple[int, str], dict[str, float]] = {}
     for r in result["rows"]:
@@ -83,6 +97,8 @@ def quick(script: str, *args: str) -> tuple[str, ...]:
 REGISTRY: tuple[Bench, ...] = (
     Bench("moe", quick("moe.py"), "outputs/bench/moe.json", moe_ratios,
           "tokens/s of the MoE dispatch over the dense reference / the equal-active SwiGLU"),
+    Bench("export", quick("export.py"), "outputs/bench/export.json", export_ratios,
+          "exported artifact over eager latency (1 thread), and its size over the FP32 one"),
     Bench("memory", quick("memory.py"), "outputs/bench/memory.json", memory_ratios,
           "peak memory of the memory-augmented decoder over full attention"),
     Bench("long_recall", quick("long_recall.py"), "outputs/bench/long_recall_quick.json",

@@ -31,13 +31,25 @@ MEMORY = {
         {"model": "memory", "seq_len": 4096, "mode": "forward", "peak_mib": 50.0},
     ]
 }
+EXPORT = {
+    "artifacts": {
+        "onnx_fp32": {"format": "onnx", "precision": "fp32", "methods": {"text": {"bytes": 400}}},
+        "onnx_int4": {"format": "onnx", "precision": "int4", "methods": {"text": {"bytes": 100}}},
+    },
+    "latency_ms": {"1": {"text": {"eager": 2.0, "onnx_fp32": 1.0, "onnx_int4": 4.0}}},
+}
 RECALL = {"chance": 0.0625, "results": {"memory": {"final_accuracy": 0.5}, "full": {"loaded": "x"}}}
 
 
 @pytest.fixture
 def root(tmp_path):
     (tmp_path / "outputs" / "bench").mkdir(parents=True)
-    for name, body in (("moe", MOE), ("memory", MEMORY), ("long_recall_quick", RECALL)):
+    for name, body in (
+        ("moe", MOE),
+        ("export", EXPORT),
+        ("memory", MEMORY),
+        ("long_recall_quick", RECALL),
+    ):
         (tmp_path / "outputs" / "bench" / f"{name}.json").write_text(json.dumps(body))
     (tmp_path / "README.md").write_text(
         f"intro\n{summary.README_BEGIN}\nold table\n{summary.README_END}\nrest\n"
@@ -52,6 +64,11 @@ def test_ratios_come_from_each_benchmarks_json(root):
         "moe": {
             "capacity vs dense_ref, 1024 tokens, E=8, k=2": 3.5,
             "capacity vs dense_active, 1024 tokens, E=8, k=2": 0.6,
+        },
+        "export": {
+            "onnx_fp32 text: speed vs eager, 1 thread": 2.0,
+            "onnx_int4 text: size / fp32": 0.25,
+            "onnx_int4 text: speed vs eager, 1 thread": 0.5,
         },
         "memory": {"peak memory/full, forward, 2048 tokens": 0.25},  # 4096: full not run
         "long_recall": {"memory final accuracy / chance": 8.0},

@@ -102,3 +102,29 @@ def test_multimodal_generation_across_segments(tiny_memory, tokenizer):
         max_new_tokens=12, stop_token_ids=(),
     )  # fmt: skip
     assert torch.equal(first, out[:1])  # padding of the other row changes nothing
+
+
+def test_itc_pretrain_trains_the_same_with_memory_on(tmp_path, cache_dir):
+    """itc_pretrain's text side is its own encoder: with the memory weights drawn from their own
+    stream, turning memory on changes no initial weight, loss or gradient of that recipe."""
+    runs = {}
+    for on in (True, False):
+        cfg = _cfg("itc_pretrain", tmp_path / str(on), cache_dir, "data.batch_size=8",
+                   *SHALLOW_TOWERS, f"model.text.memory.enabled={str(on).lower()}")  # fmt: skip
+        built = build(cfg)
+        batch = next(iter(built.datamodule._loader("image", "train", shuffle=False)))
+        losses, _, _ = built.module._objectives(batch)
+        built.module._total(losses).backward()
+        grads = {n: p.grad for n, p in built.module.model.named_parameters() if p.grad is not None}
+        runs[on] = losses, grads, built.module.model.cfg.text.memory.enabled
+    (on_losses, on_grads, on_enabled), (off_losses, off_grads, off_enabled) = (
+        runs[True],
+        runs[False],
+    )
+    assert on_enabled and not off_enabled and "itc" in on_losses
+    assert {k: v.item() for k, v in on_losses.items()} == {
+        k: v.item() for k, v in off_losses.items()
+    }
+    assert set(on_grads) == set(off_grads) and any(n.startswith("text_encoder.") for n in on_grads)
+    for name, g in off_grads.items():
+        torch.testing.assert_close(on_grads[name], g, atol=0, rtol=0, msg=name)

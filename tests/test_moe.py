@@ -11,14 +11,17 @@ from autoglm_phone.models.glm import SwiGLU
 from autoglm_phone.models.moe import MoEFeedForward, importance_cv2_loss, switch_balance_loss
 
 C, FF = 16, 24  # hidden and expert intermediate sizes
+DISPATCHES = ("static", "sorted")  # "auto" picks one of these
 
 
-def _layer(num_experts=4, top_k=2, capacity_factor=0.0, seed=0, **weights) -> MoEFeedForward:
+def _layer(
+    num_experts=4, top_k=2, capacity_factor=0.0, seed=0, dispatch="auto", **weights
+) -> MoEFeedForward:
     torch.manual_seed(seed)
     cfg = MoEConfig(
         num_experts=num_experts, top_k=top_k, capacity_factor=capacity_factor, **weights
     )
-    return MoEFeedForward(C, FF, cfg)
+    return MoEFeedForward(C, FF, cfg, dispatch=dispatch)
 
 
 def _inputs(seed=1, b=2, t=12):
@@ -77,11 +80,12 @@ def _reference_keep(idx, valid, capacity):
     return keep
 
 
+@pytest.mark.parametrize("dispatch", DISPATCHES)
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("capacity_factor", [0.0, 16.0])  # dropless, and capacity >= tokens
 @pytest.mark.parametrize("masked", [False, True])
-def test_unlimited_capacity_equals_dense_reference(top_k, capacity_factor, masked):
-    layer = _layer(top_k=top_k, capacity_factor=capacity_factor)
+def test_unlimited_capacity_equals_dense_reference(top_k, capacity_factor, masked, dispatch):
+    layer = _layer(top_k=top_k, capacity_factor=capacity_factor, dispatch=dispatch)
     x, mask = _inputs()
     mask = mask if masked else None
     out = layer(x, mask)
@@ -95,10 +99,11 @@ def test_unlimited_capacity_equals_dense_reference(top_k, capacity_factor, maske
     torch.testing.assert_close(layer.stats["load"], counts / (top_k * valid.sum()))
 
 
+@pytest.mark.parametrize("dispatch", DISPATCHES)
 @pytest.mark.parametrize("capacity_factor", [0.5, 1.0])
 @pytest.mark.parametrize("masked", [False, True])
-def test_capacity_drops_match_reference_and_contribute_zero(capacity_factor, masked):
-    layer = _layer(capacity_factor=capacity_factor, seed=3)
+def test_capacity_drops_match_reference_and_contribute_zero(capacity_factor, masked, dispatch):
+    layer = _layer(capacity_factor=capacity_factor, seed=3, dispatch=dispatch)
     layer.router.weight.data[0] += 0.5  # crowd one expert so even factor 1.0 drops
     x, mask = _inputs()
     valid = mask.reshape(-1) if masked else torch.ones(x.shape[0] * x.shape[1], dtype=torch.bool)
@@ -117,6 +122,139 @@ def test_capacity_drops_match_reference_and_contribute_zero(capacity_factor, mas
     fully_dropped = (keep.sum(1) == 0) & valid  # these ride the residual: zero from the layer
     assert fully_dropped.any() or capacity_factor >= 1
     assert (out.reshape(-1, C)[fully_dropped] == 0).all()
+
+
+def _reference_with_grad(layer, x, keep):
+    """``_dense_reference`` on the layer's own parameters, so gradients reach them: every expert
+    on every token, the kept top-k assignments combined with their renormalised gates."""
+    xf = x.reshape(-1, C)
+    probs = F.linear(xf, layer.router.weight).softmax(-1)  # (N, E)
+    top, idx = probs.topk(layer.top_k, dim=-1)  # (N, K)
+    gates = top / top.sum(-1, keepdim=True)
+    all_out = torch.stack(
+        [
+            F.silu(xf @ layer.gate_up_proj[e][:, :FF])
+            * (xf @ layer.gate_up_proj[e][:, FF:])
+            @ layer.down_proj[e]
+            for e in range(layer.num_experts)
+        ],
+        dim=1,
+    )  # (N, E, C)
+    picked = torch.gather(all_out, 1, idx[..., None].expand(-1, -1, C))  # (N, K, C)
+    return ((gates * keep)[..., None] * picked).sum(1).reshape(x.shape)
+
+
+@pytest.mark.parametrize("dispatch", DISPATCHES)
+@pytest.mark.parametrize("top_k", [2, 3])
+@pytest.mark.parametrize("capacity_factor", [0.0, 0.5, 1.0])
+def test_dispatch_gradients_match_dense_reference(dispatch, top_k, capacity_factor):
+    """Output and the gradients of input, router and both expert weights, drops included."""
+    layer = _layer(top_k=top_k, capacity_factor=capacity_factor, seed=3, dispatch=dispatch)
+    layer.router.weight.data[0] += 0.5  # crowd one expert so the limited factors drop
+    x, _ = _inputs()
+    n = x.shape[0] * x.shape[1]
+    idx, _ = _routing(layer, x)
+    capacity = math.ceil(capacity_factor * top_k * n / 4) if capacity_factor > 0 else n
+    keep = _reference_keep(idx, torch.ones(n, dtype=torch.bool), capacity)
+    assert (keep == 0).any() == (capacity_factor > 0)
+
+    params = (layer.router.weight, layer.gate_up_proj, layer.down_proj)
+    probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+    grads = {}
+    for name, fn in (
+        ("layer", layer),
+        ("reference", lambda t: _reference_with_grad(layer, t, keep)),
+    ):
+        xg = x.clone().requires_grad_()
+        out = fn(xg)
+        grads[name] = (out, *torch.autograd.grad((out * probe).sum(), (xg, *params)))
+    for got, want in zip(grads["layer"], grads["reference"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert layer.stats["dropped"].item() == int((1 - keep).sum())
+
+
+@pytest.mark.parametrize("capacity_factor", [0.0, 0.5, 1.25])
+@pytest.mark.parametrize("masked", [False, True])
+def test_sorted_dispatch_equals_static(capacity_factor, masked):
+    """Same outputs, statistics and gradients from both dispatches (padding included)."""
+    x, mask = _inputs()
+    mask = mask if masked else None
+    results = {}
+    for dispatch in DISPATCHES:
+        layer = _layer(top_k=2, capacity_factor=capacity_factor, seed=3, dispatch=dispatch)
+        layer.router.weight.data[0] += 0.5
+        xg = x.clone().requires_grad_()
+        out = layer(xg, mask)
+        (out.square().sum() + layer.aux_loss).backward()
+        grads = [p.grad for p in (layer.router.weight, layer.gate_up_proj, layer.down_proj)]
+        results[dispatch] = (out, xg.grad, *grads, layer.stats)
+    *static, static_stats = results["static"]
+    *ours, sorted_stats = results["sorted"]
+    for got, want in zip(ours, static, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert sorted_stats.keys() == static_stats.keys()
+    for key, value in static_stats.items():
+        torch.testing.assert_close(sorted_stats[key], value, msg=key)
+    assert (static_stats["dropped"] > 0) == (capacity_factor == 0.5)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm"])
+@pytest.mark.parametrize("dispatch", DISPATCHES)
+def test_dropless_matches_transformers_mixtral_block(dispatch, implementation):
+    """The same weights in transformers' MixtralSparseMoeBlock: outputs and all gradients."""
+    from autoglm_phone.models.convert import mixtral_moe_block
+
+    layer = _layer(top_k=2, capacity_factor=0.0, dispatch=dispatch, balance_loss_weight=0.0)
+    block = mixtral_moe_block(layer, implementation)
+    x, _ = _inputs()
+    probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+    results = []
+    for fn, params in (
+        (layer, (layer.router.weight, layer.gate_up_proj, layer.down_proj)),
+        (block, (block.gate.weight, block.experts.gate_up_proj, block.experts.down_proj)),
+    ):
+        xg = x.clone().requires_grad_()
+        out = fn(xg)
+        results.append([out, *torch.autograd.grad((out * probe).sum(), (xg, *params))])
+    results[1][3:] = [g.transpose(1, 2) for g in results[1][3:]]  # Mixtral's (out, in)
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="renormalize_gates"):
+        mixtral_moe_block(_layer(renormalize_gates=False))
+
+
+@pytest.mark.parametrize("dispatch", DISPATCHES)
+@pytest.mark.parametrize("capacity_factor", [0.0, 1.25])
+def test_all_padding_and_no_tokens_give_zeros(dispatch, capacity_factor):
+    layer = _layer(capacity_factor=capacity_factor, dispatch=dispatch)
+    x, mask = _inputs()
+    out = layer(x, torch.zeros_like(mask))
+    assert torch.equal(out, torch.zeros_like(x)) and layer.stats["dropped"].item() == 0
+    assert layer(x[:, :0]).shape == (2, 0, C)
+
+
+def test_auto_dispatch_sorts_in_eager_on_cpu_only():
+    x, _ = _inputs()
+    assert _layer(dispatch="auto").sorts(x)
+    assert not _layer(dispatch="static").sorts(x)
+    assert _layer(dispatch="sorted").sorts(x)
+    assert not _layer(dispatch="auto").sorts(x.to("meta"))  # off CPU: the static path
+    with pytest.raises(ValueError, match="dispatch='bucketed'"):
+        _layer(dispatch="bucketed")
+
+
+@pytest.mark.slow
+def test_compile_takes_the_static_dispatch_in_one_graph():
+    layer = _layer(capacity_factor=1.0)  # "auto": sorted in eager, static under torch.compile
+    x, _ = _inputs()
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)  # a sync would break it
+    torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=1e-6)
+
+
+def test_sorted_dispatch_refuses_export_by_name():
+    layer = _layer(capacity_factor=1.0, dispatch="sorted").eval()
+    with pytest.raises(Exception, match="dispatch='sorted'"):
+        torch.export.export(layer, (_inputs()[0],))
 
 
 def test_balance_loss_minimum_is_one_for_a_uniform_router():
@@ -214,7 +352,7 @@ def test_top1_renormalised_gate_gives_router_no_task_gradient():
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_export_matches_eager(masked):
-    layer = _layer(capacity_factor=1.0).eval()
+    layer = _layer(capacity_factor=1.0).eval()  # "auto": static while exporting, sorted in eager
     x, mask = _inputs()
     args = (x, mask) if masked else (x,)
     program = torch.export.export(layer, args)
@@ -226,15 +364,16 @@ def test_export_matches_eager(masked):
     assert layer.stats["dropped"].item() > 0  # the capacity limit was exercised
 
 
-def test_autocast_keeps_router_in_float32():
-    layer = _layer(capacity_factor=1.25)
+@pytest.mark.parametrize("dispatch", DISPATCHES)
+def test_autocast_keeps_router_in_float32(dispatch):
+    layer = _layer(capacity_factor=1.25, dispatch=dispatch)
     x, _ = _inputs()
     ref = layer(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits, _, _ = layer.route(x.reshape(-1, C))
         out = layer(x)
     assert logits.dtype == torch.float32
-    assert out.shape == x.shape
+    assert out.shape == x.shape and out.dtype == torch.bfloat16  # the experts' dtype
     torch.testing.assert_close(out.float(), ref, rtol=0, atol=0.05)
 
 

@@ -219,6 +219,12 @@ class ExportConfig:
     group_size: int = 32  # int4: input channels per weight scale
     max_text_len: int | None = None  # None: the checkpoint's data.max_text_len, else 32
     audio_seconds: float | None = None  # None: the checkpoint's data.audio_seconds, else 1.0
+    quant: str = "rtn"  # int4 grid: rtn (round to nearest) | awq (calibrated on training data)
+    calibration_samples: int = 32  # awq: items per modality from the checkpoint's training split
+    dry_run: bool = False  # print the INT4 size plan of ckpt_path or preset; build nothing
+    preset: str | None = None  # dry_run: a preset name instead of ckpt_path
+    vocab_size: int | None = None  # dry_run: for a preset whose vocabulary comes from a tokenizer
+    context_len: int = 8192  # dry_run: tokens of FP16 KV cache in the plan
     task_name: str = "export"
 
 

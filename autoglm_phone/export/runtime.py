@@ -27,6 +27,21 @@ Runner = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 _executorch_threads: int | None = None  # the process-wide thread pool size once a .pte loaded
 
 
+def _load_quantized_kernels() -> None:
+    """Register ExecuTorch's quantized kernel library (``embedding_byte`` for 8-bit embeddings)
+    with the runtime: the Python bindings link only the portable and optimized kernels. An app
+    links it like any kernel library (docs/EXPORT.md)."""
+    import ctypes
+
+    import executorch
+
+    for root in executorch.__path__:
+        lib = Path(root) / "lib" / "libexecutorch_kernels_quantized.so"
+        if lib.is_file():
+            ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)  # registers on load; once per process
+            return
+
+
 def _executorch_runner(path: Path, method: str, num_threads: int | None) -> Runner:
     """A ``.pte`` method. The thread pool is process-wide and must be sized before the first
     program loads (resizing it after a load crashed the next call), so a later load that asks
@@ -36,6 +51,7 @@ def _executorch_runner(path: Path, method: str, num_threads: int | None) -> Runn
     from executorch.runtime import Runtime
 
     if _executorch_threads is None:
+        _load_quantized_kernels()
         if num_threads is not None:
             portable_lib._unsafe_reset_threadpool(num_threads)
         _executorch_threads = portable_lib._threadpool_get_thread_count()

@@ -1,22 +1,37 @@
 """``export_model``: a model (and its tokenizer) -> a folder of artifacts and ``manifest.json``.
 
 What cannot be exported is refused by name before anything is written (:func:`check_exportable`),
-never dropped silently.
+never dropped silently. The manifest records, per method and for the folder, the weights the
+artifact holds (the parameters its program reads, counted at their FP32 shapes) and the bits
+per weight its file takes (file bits / weights: scales, buffers and the program included).
 """
 
 from __future__ import annotations
 
+import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch.export.graph_signature import InputKind
+
 from autoglm_phone.export.backends import get_backend
 from autoglm_phone.export.manifest import write_manifest
 from autoglm_phone.export.methods import METHODS, NOT_YET, Shapes
-from autoglm_phone.export.precision import DEFAULT_GROUP_SIZE, get_precision, prepared
+from autoglm_phone.export.precision import (
+    DEFAULT_GROUP_SIZE,
+    QUANT_METHODS,
+    Precision,
+    get_precision,
+    int4_config,
+    prepared,
+    quantizable,
+)
+from autoglm_phone.export.quantize import awq_calibrate, unstack_experts
 from autoglm_phone.models.autoglm import AutoGLMModel
 
 TOKENIZER_DIR = "tokenizer"
@@ -54,6 +69,29 @@ def check_exportable(model: AutoGLMModel, methods: Sequence[str], shapes: Shapes
         )
 
 
+def _check_quant(
+    backend: str,
+    supported: Sequence[str],
+    precision: Precision,
+    quant: str,
+    calibration: Calibration | None,
+) -> None:
+    if quant not in QUANT_METHODS:
+        raise ValueError(f"unknown quant {quant!r}; expected one of {', '.join(QUANT_METHODS)}")
+    if quant != "rtn" and precision.scheme is None:
+        raise NotExportable(f"quant={quant} applies to int4 only, not precision={precision.name}")
+    if quant not in supported:
+        raise NotExportable(f"quant={quant} is not available for format={backend}")
+    if quant == "awq" and not calibration:
+        raise ValueError("quant=awq needs calibration inputs (method -> input tuples)")
+
+
+def _folder_bits(out: Path, entries: dict[str, dict[str, Any]]) -> float:
+    """Bits per weight over every artifact of the folder: their file bits / their weights."""
+    size = sum((out / e["file"]).stat().st_size for e in entries.values())
+    return round(8 * size / max(sum(e["weights"] for e in entries.values()), 1), 3)
+
+
 def _versions() -> dict[str, str]:
     out = {}
     for pkg in ("torch", "executorch", "torchao", "onnx", "onnxruntime", "onnxscript"):
@@ -62,6 +100,49 @@ def _versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return out
+
+
+def program_weights(program: torch.export.ExportedProgram) -> int:
+    """Weights a program reads: the element counts of the parameters its graph uses (a
+    quantised parameter counts its logical shape; the lifted but unused ones, e.g. the other
+    towers of the model a method wraps, do not count)."""
+    used = {n.name for n in program.graph.nodes if n.op == "placeholder" and n.users}
+    return sum(
+        program.state_dict[spec.target].numel()
+        for spec in program.graph_signature.input_specs
+        if spec.kind == InputKind.PARAMETER and spec.arg.name in used
+    )
+
+
+Calibration = Mapping[str, Sequence[tuple[torch.Tensor, ...]]]  # method -> its input tuples
+
+
+def calibrated(
+    model: AutoGLMModel, shapes: Shapes, calibration: Calibration, group_size: int
+) -> tuple[AutoGLMModel, dict[str, Any]]:
+    """A float copy of ``model`` (experts unstacked) whose linears carry AWQ scales searched on
+    the activations of each method run on its ``calibration`` inputs (batch 1, the export's
+    shapes); and a summary of the search (layers, mean squared error calibrated and rounded)."""
+    unknown = set(calibration) - set(METHODS)
+    if unknown:
+        raise ValueError(f"calibration for unknown methods {sorted(unknown)}")
+    scaled = unstack_experts(copy.deepcopy(model).eval().float())
+    modules = {name: METHODS[name](scaled, shapes, torch.float32).module for name in calibration}
+
+    def run() -> None:
+        with torch.no_grad():
+            for name, rows in calibration.items():
+                for row in rows:
+                    modules[name](*row)
+
+    errors = awq_calibrate(scaled, quantizable(group_size), run, int4_config(group_size))
+    n = max(len(errors), 1)
+    return scaled, {
+        "samples": {name: len(rows) for name, rows in calibration.items()},
+        "layers": len(errors),
+        "mean_mse_awq": sum(e for e, _ in errors.values()) / n,
+        "mean_mse_rtn": sum(r for _, r in errors.values()) / n,
+    }
 
 
 def export_model(
@@ -75,11 +156,16 @@ def export_model(
     max_text_len: int = DEFAULT_MAX_TEXT_LEN,
     audio_seconds: float = DEFAULT_AUDIO_SECONDS,
     group_size: int = DEFAULT_GROUP_SIZE,
+    quant: str = "rtn",
+    calibration: Calibration | None = None,
 ) -> dict[str, Any]:
     """Write ``methods`` of ``model`` to ``out_dir`` (``<method><suffix>`` each, the tokenizer
     in ``tokenizer/``, ``manifest.json``); returns the manifest. ``out_dir`` must be empty or
-    new. The model itself is not changed (each precision works on a copy)."""
+    new. The model itself is not changed (each precision works on a copy). ``quant`` (INT4
+    only): ``rtn`` rounds to nearest, ``awq`` searches per-channel scales on ``calibration``
+    (per method, a sequence of input tuples at the export's shapes, batch 1)."""
     backend, prec = get_backend(format), get_precision(precision)
+    _check_quant(backend.name, backend.quant_methods, prec, quant, calibration)
     shapes = Shapes(max_text_len, round(model.cfg.audio.sample_rate * audio_seconds))
     if max_text_len < 1 or shapes.audio_samples <= model.cfg.audio.n_fft // 2:
         raise ValueError(f"export shapes too small: {shapes}")
@@ -93,7 +179,10 @@ def export_model(
     out.mkdir(parents=True, exist_ok=True)
 
     torch_prec = backend.torch_precision(prec)
-    ready = prepared(model, torch_prec, group_size)
+    source, calibration_summary = model, None
+    if quant == "awq":
+        source, calibration_summary = calibrated(model, shapes, calibration or {}, group_size)
+    ready = prepared(source, torch_prec, group_size)
     entries, seconds = {}, {}
     for name in methods:
         method = METHODS[name](ready, shapes, torch_prec.dtype)
@@ -101,12 +190,15 @@ def export_model(
         inputs, outputs = method.specs()
         path = out / f"{name}{backend.suffix}"
         start = time.perf_counter()
-        backend.export(method, path, prec, group_size)
+        program = backend.export(method, path, prec, group_size)
         seconds[name] = round(time.perf_counter() - start, 2)
+        weights = program_weights(program)
         entries[name] = {
             "file": path.name,
             "inputs": [s.to_dict() for s in inputs],
             "outputs": [s.to_dict() for s in outputs],
+            "weights": weights,
+            "bits_per_weight": round(8 * path.stat().st_size / max(weights, 1), 3),
         }
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
@@ -114,7 +206,9 @@ def export_model(
         "format": backend.name,
         "backend": "xnnpack" if backend.name == "executorch" else "onnxruntime",
         "precision": prec.name,
-        "quantization": backend.quantization(prec, group_size),
+        "quantization": backend.quantization(prec, group_size, quant),
+        "calibration": calibration_summary,
+        "bits_per_weight": _folder_bits(out, entries),
         "model": model.cfg.to_dict(),
         "tokenizer": TOKENIZER_DIR if tokenizer is not None else None,
         "shapes": {**asdict(shapes), "sample_rate": model.cfg.audio.sample_rate},

@@ -9,6 +9,9 @@ approximately.
 
     decoder = load_glm4("path/to/glm4-checkpoint")  # config.json + *.safetensors
     save_glm4(decoder, "path/to/out")  # Glm4ForCausalLM.from_pretrained("path/to/out") loads it
+
+An MoE layer converts to transformers' ``MixtralSparseMoeBlock`` (``mixtral_moe_block``), the
+reference its parity test and benchmark (bench/moe.py) compare against.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch import nn
 
 from autoglm_phone.config import DecoderConfig, MemoryConfig, RopeScalingConfig, from_dict
 from autoglm_phone.models.glm import GLMDecoder
+from autoglm_phone.models.moe import MoEFeedForward
 
 # Glm4Config's defaults (transformers 5.x) for keys a config.json may leave out.
 GLM4_DEFAULTS: dict[str, Any] = {
@@ -232,3 +236,31 @@ def save_glm4(decoder: GLMDecoder, folder: str | Path) -> Path:
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
     return folder
+
+
+def mixtral_moe_block(layer: MoEFeedForward, experts_implementation: str = "eager") -> nn.Module:
+    """transformers' ``MixtralSparseMoeBlock`` holding ``layer``'s weights: the same softmax
+    top-k routing with renormalised gates and the same SwiGLU experts, without a capacity limit,
+    so it computes what ``layer`` does in dropless mode. ``experts_implementation``: ``"eager"``
+    (the block's own loop over experts, what a standalone block runs) or ``"grouped_mm"`` (what
+    transformers picks inside a model)."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    if not layer.renormalize_gates:
+        raise ValueError("moe.renormalize_gates=False: Mixtral always renormalises the top-k gates")
+    config = MixtralConfig(
+        hidden_size=layer.hidden_size,
+        intermediate_size=layer.intermediate_size,
+        num_local_experts=layer.num_experts,
+        num_experts_per_tok=layer.top_k,
+        hidden_act="silu",
+        router_jitter_noise=0.0,
+    )
+    config._experts_implementation = experts_implementation
+    block = MixtralSparseMoeBlock(config).to(layer.gate_up_proj.device, layer.gate_up_proj.dtype)
+    with torch.no_grad():  # Mixtral stores (out, in); ours is (in, out), [gate | up] in both
+        block.gate.weight.copy_(layer.router.weight)
+        block.experts.gate_up_proj.copy_(layer.gate_up_proj.transpose(1, 2))
+        block.experts.down_proj.copy_(layer.down_proj.transpose(1, 2))
+    return block

@@ -15,6 +15,9 @@ by expert would give, without the sort, so the layer exports) and scattered into
 ``(E, capacity, C)`` buffer. With a capacity factor
 the buffer has a static shape (``torch.export`` traces it, no host sync); with
 ``capacity_factor <= 0`` (dropless) one ``.item()`` sizes the buffer to the busiest expert.
+That is the ``static`` dispatch, which export and compilation use. In eager mode on CPU the
+``sorted`` dispatch runs instead: one stable sort by expert, one host sync for the counts, and
+one matmul per expert on exactly its kept rows (no padding, no buffer), the same numbers.
 See docs/MOE.md for the formulas.
 """
 
@@ -28,6 +31,8 @@ from einops import einsum, rearrange, repeat
 from torch import nn
 
 from autoglm_phone.config import MoEConfig
+
+DISPATCHES = ("auto", "static", "sorted")
 
 
 def expert_capacity(
@@ -95,10 +100,21 @@ class MoEFeedForward(nn.Module):
     ``load``, ``dropped``, ``dropped_fraction``, ``capacity`` and the unweighted losses). Tokens
     that lose their expert to the capacity limit get no contribution from it, so they pass through
     on the block's residual; masked (padding) tokens are not routed at all and return zeros.
+
+    ``dispatch`` picks how tokens reach their experts (the same outputs either way):
+    ``"static"`` scatters into an ``(E, capacity, C)`` buffer without sorting (exportable, no host
+    sync with a capacity factor); ``"sorted"`` sorts the assignments by expert and runs each expert
+    on its own rows (one host sync, no padding: faster in eager on CPU); ``"auto"`` (default) uses
+    ``sorted`` in eager mode on CPU and ``static`` when exporting, compiling, tracing or off CPU.
     """
 
-    def __init__(self, hidden_size: int, intermediate_size: int, cfg: MoEConfig) -> None:
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, cfg: MoEConfig, dispatch: str = "auto"
+    ) -> None:
         super().__init__()
+        if dispatch not in DISPATCHES:
+            raise ValueError(f"MoE dispatch={dispatch!r} must be one of {DISPATCHES}")
+        self.dispatch = dispatch
         if cfg.num_experts < 1:
             raise ValueError(f"moe.num_experts={cfg.num_experts} must be >= 1 for an MoE layer")
         if not 1 <= cfg.top_k <= cfg.num_experts:
@@ -137,7 +153,7 @@ class MoEFeedForward(nn.Module):
         return (
             f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
             f"num_experts={self.num_experts}, top_k={self.top_k}, "
-            f"capacity_factor={self.capacity_factor}"
+            f"capacity_factor={self.capacity_factor}, dispatch={self.dispatch!r}"
         )
 
     # -- routing -----------------------------------------------------------------------------
@@ -159,8 +175,20 @@ class MoEFeedForward(nn.Module):
 
     def experts(self, h: torch.Tensor) -> torch.Tensor:
         """Every expert's SwiGLU on its own rows: ``(E, M, C) -> (E, M, C)``."""
-        gate, up = torch.bmm(h, self.gate_up_proj).chunk(2, dim=-1)  # (E, M, F) each
-        return torch.bmm(up * F.silu(gate), self.down_proj)
+        return torch.bmm(_swiglu(torch.bmm(h, self.gate_up_proj)), self.down_proj)
+
+    def expert_segments(self, h: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """The experts on rows grouped by expert: ``(M, C) -> (M, C)``, expert ``e`` on the
+        ``sizes[e]`` rows after those of experts ``< e``; one ``mm`` pair per non-empty expert."""
+        # unbind, not gate_up_proj[e]: one backward node stacks the E weight gradients, where
+        # E selects would each fill and add a whole (E, C, 2F) zero gradient
+        gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+        out = [
+            _swiglu(rows @ gate_up[e]) @ down[e]
+            for e, rows in enumerate(h.split(sizes))
+            if rows.shape[0]
+        ]
+        return torch.cat(out) if out else h.new_zeros(0, self.hidden_size)
 
     # -- forward -----------------------------------------------------------------------------
 
@@ -170,7 +198,8 @@ class MoEFeedForward(nn.Module):
         x = x.reshape(-1, self.hidden_size)  # (N, C)
         valid = _valid(x, mask)  # (N,)
         logits, expert_idx, gates = self.route(x)
-        out, dropped, capacity = self._dispatch(x, expert_idx, gates, valid, mask is None)
+        dispatch = self._dispatch_sorted if self.sorts(x) else self._dispatch
+        out, dropped, capacity = dispatch(x, expert_idx, gates, valid, mask is None)
         if not torch.compiler.is_exporting():  # the exported program is the pure function
             self._set_losses(logits, expert_idx, gates, valid, dropped, capacity)
         return out.reshape(shape)
@@ -189,19 +218,10 @@ class MoEFeedForward(nn.Module):
         """
         n, c = x.shape
         e, k = self.num_experts, self.top_k
-        # Flatten slot-major, (k n): every token's first choice queues before any second choice
-        # (GShard), and within a slot earlier tokens come first. Padding goes to sentinel expert E.
-        expert = rearrange(expert_idx, "n k -> (k n)")
-        expert = torch.where(repeat(valid, "n -> (k n)", k=k), expert, e)  # (K*N,)
+        expert = self._queue(expert_idx, valid)  # (K*N,)
         pos, counts = queue_positions(expert, e + 1)  # (K*N,) place in queue, (E + 1,)
-
         if self.capacity_factor > 0:
-            # The buffer is sized from all N tokens (static); padding does not count towards the
-            # limit, which then is a tensor. An expert never holds more than N assignments.
-            capacity = min(expert_capacity(n, e, k, self.capacity_factor), n)
-            limit = capacity
-            if not all_valid:
-                limit = expert_capacity(valid.sum(), e, k, self.capacity_factor)
+            capacity, limit = self._capacity(n, valid, all_valid)
         else:
             capacity = limit = max(int(counts[:e].max().item()), 1)  # dropless: the one host sync
         real = expert < e
@@ -219,6 +239,75 @@ class MoEFeedForward(nn.Module):
         weight = rearrange(gates, "n k -> (k n)")[:, None].to(y.dtype)  # (K*N, 1)
         out = rearrange(y[slot] * weight, "(k n) c -> k n c", k=k).sum(0)  # (N, C)
         return out, dropped, capacity
+
+    def _dispatch_sorted(
+        self,
+        x: torch.Tensor,
+        expert_idx: torch.Tensor,
+        gates: torch.Tensor,
+        valid: torch.Tensor,
+        all_valid: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``_dispatch``'s result from a stable sort by expert: each expert's queue is a
+        contiguous segment in queue order, its first ``min(count, limit)`` assignments are kept,
+        and the experts run on exactly those rows. One host sync (the segment sizes)."""
+        n, c = x.shape
+        e, k = self.num_experts, self.top_k
+        expert = self._queue(expert_idx, valid)  # (K*N,)
+        order = torch.argsort(expert, stable=True)  # (K*N,) expert by expert, each in queue order
+        counts = torch.bincount(expert, minlength=e + 1)[:e]  # (E,) padding (expert E) left out
+        if self.capacity_factor > 0:
+            capacity, limit = self._capacity(n, valid, all_valid)
+            kept = counts.clamp(max=limit)  # (E,)
+        else:
+            kept = counts
+        counts_host, sizes = torch.stack((counts, kept)).tolist()  # the one host sync
+        if self.capacity_factor <= 0:
+            capacity = max(max(counts_host), 1)
+        dropped = counts.sum() - kept.sum()
+
+        if sizes == counts_host:  # nothing dropped: the real assignments lead the sorted order
+            take = order[: sum(sizes)]
+        else:  # the head of each expert's segment
+            starts = [sum(counts_host[:i]) for i in range(e)]
+            take = torch.cat([order[s : s + m] for s, m in zip(starts, sizes, strict=True)])
+        # take (M,): kept assignments in (k n) numbering, grouped by expert
+        y = self.expert_segments(x[take % n], sizes)  # (M, C)
+        weight = rearrange(gates, "n k -> (k n)")[take, None].to(y.dtype)  # (M, 1)
+        out = y.new_zeros(k * n, c).index_copy(0, take, y * weight)  # (K*N, C), 0 where dropped
+        return rearrange(out, "(k n) c -> k n c", k=k).sum(0), dropped, capacity
+
+    def _queue(self, expert_idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The chosen experts flattened slot-major ``(K*N,)``, padding mapped to expert ``E``.
+
+        In ``(k n)`` order every token's first choice queues before any second choice (GShard),
+        and within a slot earlier tokens come first."""
+        expert = rearrange(expert_idx, "n k -> (k n)")
+        return torch.where(repeat(valid, "n -> (k n)", k=self.top_k), expert, self.num_experts)
+
+    def _capacity(
+        self, n: int, valid: torch.Tensor, all_valid: bool
+    ) -> tuple[int, int | torch.Tensor]:
+        """Buffer rows per expert, sized from all ``n`` tokens (static), and the limit on kept
+        assignments: the same formula on the real-token count (a tensor) when there is padding.
+        An expert never holds more than ``n`` assignments."""
+        e, k, factor = self.num_experts, self.top_k, self.capacity_factor
+        capacity = min(expert_capacity(n, e, k, factor), n)
+        limit = capacity if all_valid else expert_capacity(valid.sum(), e, k, factor)
+        return capacity, limit
+
+    def sorts(self, x: torch.Tensor) -> bool:
+        """Whether ``forward`` takes the sorted dispatch (see the class docstring)."""
+        compiler = torch.compiler
+        tracing = compiler.is_compiling() or compiler.is_exporting() or torch.jit.is_tracing()
+        if self.dispatch == "sorted" and tracing:
+            raise RuntimeError(
+                "MoE dispatch='sorted' has data-dependent shapes and cannot be exported, compiled "
+                "or traced; use dispatch='static' (or 'auto', which picks it there)"
+            )
+        if self.dispatch == "auto":
+            return not tracing and x.device.type == "cpu"
+        return self.dispatch == "sorted"
 
     def forward_dense(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Reference path: every expert on every token, combined with the top-k gates.
@@ -276,6 +365,12 @@ def queue_positions(expert: torch.Tensor, num_experts: int) -> tuple[torch.Tenso
     one_hot = (expert[:, None] == torch.arange(num_experts, device=expert.device)).long()
     pos = (one_hot.cumsum(0) * one_hot).sum(1) - 1  # (M,)
     return pos, one_hot.sum(0)
+
+
+def _swiglu(h: torch.Tensor) -> torch.Tensor:
+    """GLM-4's SwiGLU activation on ``[gate | up]`` rows: ``(..., 2F) -> (..., F)``."""
+    gate, up = h.chunk(2, dim=-1)
+    return up * F.silu(gate)
 
 
 def _valid(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
