@@ -43,12 +43,10 @@ $(VENV)/.installed-serve: $(VENV)/.installed
 	$(PIP) -e '.[train,serve]'
 	touch $@
 
-## bench: the benchmarks' quick versions (tables on stdout, JSON under outputs/bench/)
+## bench: every benchmark's quick form (bench/summary.py's registry), then one table of the ratios
+## each measured in its run, written to outputs/bench/summary.json
 bench: $(VENV)/.installed
-	$(BIN)/python bench/moe.py --quick
-	$(BIN)/python bench/export.py --quick
-	$(BIN)/python bench/memory.py --quick
-	$(BIN)/python bench/long_recall.py --quick
+	$(BIN)/python bench/summary.py $(OVERRIDES)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -243,6 +243,28 @@ def _source(cfg: DictConfig, exported: ExportedModel | None) -> str | None:
     return None
 
 
+def run_headroom(
+    cfg: DictConfig, model: AutoGLMModel, tokenizer: Any, data_cfg: DataConfig
+) -> dict[str, Any]:
+    """The hard suites (:mod:`autoglm_phone.app.eval_headroom`) with the checkpoint's data spec."""
+    from autoglm_phone.app.eval_headroom import format_headroom, headroom_report
+    from autoglm_phone.data.synthetic import SyntheticSpec
+
+    spec = SyntheticSpec(
+        seed=data_cfg.seed,
+        image_size=data_cfg.image_size,
+        sample_rate=data_cfg.sample_rate,
+        audio_seconds=data_cfg.audio_seconds,
+    )
+    report = headroom_report(
+        model, tokenizer, spec, list(data_cfg.modalities), cfg.headroom_size,
+        data_cfg.max_text_len, data_cfg.eval_batch_size,
+    )  # fmt: skip
+    print(f"\nheadroom suites ({cfg.headroom_size} samples each, {cfg.ckpt_path})\n"
+          f"{format_headroom(report)}\n")  # fmt: skip
+    return report
+
+
 def run(cfg: DictConfig, data_overrides: list[str] | None = None) -> dict[str, Any]:
     """Evaluate ``ckpt_path``; with ``exported`` (an ``export.py`` folder) that folder too, on the
     same split and tasks, printed beside the eager model (its checkpoint: ``ckpt_path``, else the
@@ -261,6 +283,10 @@ def run(cfg: DictConfig, data_overrides: list[str] | None = None) -> dict[str, A
             data, OmegaConf.from_dotlist([o.removeprefix("data.") for o in data_overrides])
         )
     data_cfg: DataConfig = OmegaConf.to_object(data)
+    if cfg.headroom and data_cfg.name != "synthetic":  # before any data loads
+        raise ValueError(
+            f"headroom=true needs the embedded data (data=synthetic), not {data_cfg.name!r}"
+        )
     model_cfg = model.cfg if model is not None else exported.config
     dm = MultiModalDataModule(data_cfg, cfg.paths.cache_dir, image_size=model_cfg.vision.img_size)
     dm.set_tokenizer(tokenizer)
@@ -294,6 +320,10 @@ def run(cfg: DictConfig, data_overrides: list[str] | None = None) -> dict[str, A
             )
     if not result.get("fused"):
         result.pop("fused", None)
+    if cfg.headroom:
+        if model is None:
+            raise ValueError("headroom=true evaluates a checkpoint: give ckpt_path")
+        result["headroom"] = run_headroom(cfg, model, tokenizer, data_cfg)
 
     out_json = Path(cfg.output_json or Path(cfg.paths.output_dir) / "metrics.json")
     out_json.parent.mkdir(parents=True, exist_ok=True)
@@ -302,6 +332,10 @@ def run(cfg: DictConfig, data_overrides: list[str] | None = None) -> dict[str, A
         plot_episode(result["episode"]["episode recall"], out_json.with_suffix(".png"))
     else:
         plot_report(result["retrieval"], out_json.with_suffix(".png"))
+    if "headroom" in result:
+        from autoglm_phone.app.eval_headroom import plot_headroom
+
+        plot_headroom(result["headroom"], out_json.with_name(out_json.stem + "_headroom.png"))
     print(f"wrote {out_json} and {out_json.with_suffix('.png')}")
     return result
 

@@ -205,6 +205,9 @@ class EvalConfig:
     rerank_k: int = 16  # ITM re-ranks each query's ITC top-k
     # re-ranked score = ITC logit + w * ITM log-odds; None: w fitted on the validation split
     rerank_weight: float | None = None
+    # the hard suites on the embedded data (autoglm_phone/app/eval_headroom.py), beside the split
+    headroom: bool = False
+    headroom_size: int = 200  # samples per suite
 
 
 @dataclass

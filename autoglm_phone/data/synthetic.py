@@ -350,11 +350,26 @@ def render_image(
     radii = np.clip(base * rng.uniform(0.96, 1.04, size=count), lo, hi)
     centres = _layout(rng, radii * SHAPE_EXTENT[shape], POSITION_ANCHORS[attributes["position"]])
     rotations = np.deg2rad(rng.uniform(-12.0, 12.0, size=count))
+    objects = [
+        (shape, colour, (cx, cy), radius, rot)
+        for (cx, cy), radius, rot in zip(centres, radii, rotations, strict=True)
+    ]
+    return draw_scene(objects, background, rng, image_size)
 
+
+def draw_scene(
+    objects: list[tuple[str, tuple[int, int, int], tuple[float, float], float, float]],
+    background: tuple[int, int, int],
+    rng: np.random.Generator,
+    image_size: int,
+) -> np.ndarray:
+    """Draw ``(shape, rgb, (cx, cy), radius, rotation)`` objects (positions and radii as fractions
+    of the image side) supersampled on ``background``, then add pixel noise; uint8 (H, W, 3)."""
     scale = image_size * _SUPERSAMPLE
     canvas = Image.new("RGB", (scale, scale), background)
     draw = ImageDraw.Draw(canvas)
-    for (cx, cy), radius, rot in zip(centres * scale, radii * scale, rotations, strict=True):
+    for shape, colour, (cx, cy), radius, rot in objects:
+        cx, cy, radius = cx * scale, cy * scale, radius * scale
         if shape == "circle":
             draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=colour)
         else:

@@ -61,6 +61,16 @@ class LinearExpertsMoE(MoEFeedForward):
             outs.append(down(up * F.silu(gate)))  # (1, M, C)
         return torch.cat(outs)
 
+    def expert_segments(self, h: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """The sorted dispatch's experts (eager on CPU): ``(M, C) -> (M, C)``, expert ``e`` on
+        its ``sizes[e]`` rows, through the per-expert linears."""
+        out = []
+        for rows, gate_up, down in zip(h.split(sizes), self.gate_up, self.down, strict=True):
+            if rows.shape[0]:
+                gate, up = gate_up(rows).chunk(2, dim=-1)  # (m, F) each
+                out.append(down(up * F.silu(gate)))  # (m, C)
+        return torch.cat(out) if out else h.new_zeros(0, self.hidden_size)
+
 
 def _linear(weight: torch.Tensor) -> nn.Linear:
     """An ``nn.Linear`` holding ``weight`` ``(out, in)`` (a copy), no bias."""

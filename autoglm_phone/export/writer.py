@@ -236,10 +236,10 @@ def export_model(
     out.mkdir(parents=True, exist_ok=True)
 
     torch_prec = backend.torch_precision(prec)
-    source, calibration_summary = model, None
+    weights_from, calibration_summary = model, None
     if quant == "awq":
-        source, calibration_summary = calibrated(model, shapes, calibration or {}, group_size)
-    ready = prepared(source, torch_prec, group_size)
+        weights_from, calibration_summary = calibrated(model, shapes, calibration or {}, group_size)
+    ready = prepared(weights_from, torch_prec, group_size)
     entries, seconds = {}, {}
     for name in methods:
         method = METHODS[name](ready, shapes, torch_prec.dtype)
