@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from autoglm_phone.app.datamodule import Collate, caption_id
+from autoglm_phone.app.eval_tasks import retrieval_report
 from autoglm_phone.data.headroom import (
     OVERLAP_GAIN_DB,
     SNRS_DB,
@@ -119,7 +120,6 @@ def distractor_report(emb: Embedder, modality: str, size: int) -> dict[str, Any]
 
 
 def _retrieval(media: torch.Tensor, text: torch.Tensor, captions: list[str], modality: str):
-    from autoglm_phone.app.evaluate import retrieval_report
 
     keys = torch.tensor([caption_id(c) for c in captions])
     return retrieval_report({"media": media, "text": text, "keys": keys}, modality)

@@ -350,6 +350,60 @@ def rerank_metrics(scores: dict[str, dict[str, Any]], weight: float) -> dict[str
     return report
 
 
+# -- retrieval ---------------------------------------------------------------------------
+PROTOCOLS = {
+    "caption": "an answer is correct when its caption text equals the query's",
+    "item": "media->text is correct when any caption of the query's item is retrieved; "
+    "text->media when the caption's own item is",
+}
+
+
+def _first(keys: list) -> dict:
+    """Each distinct key and the index of its first occurrence."""
+    first: dict = {}
+    for i, k in enumerate(keys):
+        first.setdefault(k, i)
+    return first
+
+
+def retrieval_report(
+    emb: dict[str, torch.Tensor], modality: str, protocol: str = "caption"
+) -> dict[str, dict[str, float]]:
+    if protocol == "caption":
+        keys = emb["keys"].tolist()
+        uniq = _first(keys)
+        media_keys, text_keys = keys, list(uniq)
+        media, text = emb["media"], emb["text"][list(uniq.values())]  # one per unique caption
+    elif protocol == "item":
+        # rows repeated by bad-sample replacement (or a repeated row) collapse to one
+        # (item, caption) pair; every index below is a row of ``emb``
+        item_ids = emb["items"].tolist()
+        pairs = _first(list(zip(item_ids, emb["keys"].tolist(), strict=True)))
+        text_keys = [item for item, _ in pairs]  # (T,) every caption once, keyed by its item
+        media_rows = _first(item_ids)  # item -> its first row
+        media_keys = list(media_rows)  # (M,) every item once
+        media = emb["media"][list(media_rows.values())]
+        text = emb["text"][list(pairs.values())]
+    else:
+        raise ValueError(f"unknown protocol {protocol!r}; expected one of {list(PROTOCOLS)}")
+    sim = media @ text.T  # (M, T)
+    report = {}
+    for name, s, q, g in (
+        (f"{modality}->text", sim, media_keys, text_keys),
+        (f"text->{modality}", sim.T, text_keys, media_keys),
+    ):
+        metrics = retrieval_metrics(s, q, g)
+        chance = chance_metrics(q, g)
+        report[name] = {
+            **metrics,
+            **{f"chance_{k}": v for k, v in chance.items()},
+            "R@1_over_chance": metrics["R@1"] / chance["R@1"],
+            "num_queries": len(q),
+            "gallery_size": len(g),
+        }
+    return report
+
+
 # -- long-context episodes (autoglm_phone/data/episodes.py) ----------------------------------
 SEGMENT_BUCKETS = (0.0, 1.0, 2.0, 4.0, 8.0)  # lower edges, in segments back; the last is open
 ITEM_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0)  # lower edges, in items back (1: the last item)

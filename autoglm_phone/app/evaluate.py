@@ -24,18 +24,20 @@ from tqdm import tqdm
 from autoglm_phone.app.datamodule import MultiModalDataModule
 from autoglm_phone.app.eval_tasks import (
     EXPORTED_TASKS,
+    PROTOCOLS,
     episode_report,
     exported_report,
     fit_rerank_weight_on,
     format_episode,
     fused_report,
+    retrieval_report,
     tasks_for,
 )
 from autoglm_phone.app.schema import DataConfig
 from autoglm_phone.checkpoint import load_model
 from autoglm_phone.data.records import format_summary, summarize
 from autoglm_phone.export import ExportedModel
-from autoglm_phone.metrics import KS, chance_metrics, retrieval_metrics
+from autoglm_phone.metrics import KS
 from autoglm_phone.models.autoglm import MODALITY_TABLE, AutoGLMModel
 from autoglm_phone.objectives import encode_batch, media_kwargs
 
@@ -79,59 +81,6 @@ def embed_split(
                 "numbers are reported"
             )
     return {**emb, "keys": torch.cat(keys), "items": torch.cat(items), "skipped": skipped}
-
-
-PROTOCOLS = {
-    "caption": "an answer is correct when its caption text equals the query's",
-    "item": "media->text is correct when any caption of the query's item is retrieved; "
-    "text->media when the caption's own item is",
-}
-
-
-def _first(keys: list) -> dict:
-    """Each distinct key and the index of its first occurrence."""
-    first: dict = {}
-    for i, k in enumerate(keys):
-        first.setdefault(k, i)
-    return first
-
-
-def retrieval_report(
-    emb: dict[str, torch.Tensor], modality: str, protocol: str = "caption"
-) -> dict[str, dict[str, float]]:
-    if protocol == "caption":
-        keys = emb["keys"].tolist()
-        uniq = _first(keys)
-        media_keys, text_keys = keys, list(uniq)
-        media, text = emb["media"], emb["text"][list(uniq.values())]  # one per unique caption
-    elif protocol == "item":
-        # rows repeated by bad-sample replacement (or a repeated row) collapse to one
-        # (item, caption) pair; every index below is a row of ``emb``
-        item_ids = emb["items"].tolist()
-        pairs = _first(list(zip(item_ids, emb["keys"].tolist(), strict=True)))
-        text_keys = [item for item, _ in pairs]  # (T,) every caption once, keyed by its item
-        media_rows = _first(item_ids)  # item -> its first row
-        media_keys = list(media_rows)  # (M,) every item once
-        media = emb["media"][list(media_rows.values())]
-        text = emb["text"][list(pairs.values())]
-    else:
-        raise ValueError(f"unknown protocol {protocol!r}; expected one of {list(PROTOCOLS)}")
-    sim = media @ text.T  # (M, T)
-    report = {}
-    for name, s, q, g in (
-        (f"{modality}->text", sim, media_keys, text_keys),
-        (f"text->{modality}", sim.T, text_keys, media_keys),
-    ):
-        metrics = retrieval_metrics(s, q, g)
-        chance = chance_metrics(q, g)
-        report[name] = {
-            **metrics,
-            **{f"chance_{k}": v for k, v in chance.items()},
-            "R@1_over_chance": metrics["R@1"] / chance["R@1"],
-            "num_queries": len(q),
-            "gallery_size": len(g),
-        }
-    return report
 
 
 def format_table(report: dict[str, dict[str, float]]) -> str:

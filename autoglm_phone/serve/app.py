@@ -27,8 +27,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import autoglm_phone.serve.protocol as P
 from autoglm_phone.data.instructions import format_conversation
-from autoglm_phone.serve import protocol as P
 from autoglm_phone.serve.engine import Engine, Job, Prompt, Sampling
 from autoglm_phone.serve.errors import APIError, internal, invalid, timed_out
 from autoglm_phone.serve.media import MediaLimits, load_audio, load_image
