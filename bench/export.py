@@ -179,15 +179,15 @@ def latency_child(model_dir: Path, folders: list[Path], threads: int, rounds: in
     """ms per batch-1 call of each method: eager and every folder, round-robin; median."""
     from autoglm_phone import AutoGLMModel
     from autoglm_phone.export import ExportedModel, read_manifest
-    from autoglm_phone.export.methods import METHODS, Shapes
+    from autoglm_phone.export.methods import METHODS, RETRIEVAL, Shapes
 
     torch.set_num_threads(threads)
     model = AutoGLMModel.from_pretrained(str(model_dir)).eval()
     manifest = read_manifest(folders[0])
     shapes = Shapes(manifest["shapes"]["max_text_len"], manifest["shapes"]["audio_samples"])
     inputs = example_inputs(manifest)
-    runners: dict[str, dict[str, object]] = {name: {} for name in METHODS}
-    for name in METHODS:
+    runners: dict[str, dict[str, object]] = {name: {} for name in RETRIEVAL}
+    for name in RETRIEVAL:  # the methods run_bench exports
         runners[name]["eager"] = METHODS[name](model, shapes, torch.float32).module
     for folder in folders:
         exported = ExportedModel.load(folder, num_threads=threads)
@@ -251,7 +251,9 @@ def run_bench(quick: bool, out: Path) -> dict:
             *[str(a["folder"]) for a in artifacts.values()],
         ]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if done.returncode:  # the child's own error, not only its exit status
+            raise RuntimeError(f"latency at {threads} thread(s) failed:\n{done.stderr[-3000:]}")
         latency[threads] = json.loads(done.stdout.strip().splitlines()[-1])
     bandwidth = memory_bandwidth()
     result = {
