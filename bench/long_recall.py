@@ -243,7 +243,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--load", default=None, help="evaluate saved weights (--save's {name}_{model}.pt stem)"
     )
+    p.add_argument(
+        "--init",
+        default=None,
+        help="train on from saved weights (a --save stem): RMT's staged curriculum over length",
+    )
     args = p.parse_args(argv)
+    if args.load and args.init:
+        p.error("--load evaluates saved weights, --init trains on from them: give one")
     args.seq_len = args.seq_len or (512 if args.quick else 1024)
     args.steps = args.steps or 800
     args.eval_every = args.eval_every or max(1, args.steps // 10)
@@ -267,7 +274,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             models[name].load_state_dict(torch.load(path, weights_only=True))
             results[name] = {"loaded": str(path)}
             continue
+        if args.init:  # the previous stage of the curriculum (a shorter length)
+            path = args.out / f"{args.init}_{name}.pt"
+            models[name].load_state_dict(torch.load(path, weights_only=True))
         results[name] = train(name, models[name], task, args)
+        if args.init:
+            results[name]["init"] = path.name
         if args.save:  # to re-evaluate later, e.g. at other lengths
             torch.save(models[name].state_dict(), args.out / f"{stem}_{name}.pt")
     # length generalisation: the trained models on longer sequences than they were trained on
