@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 PIP     := $(BIN)/pip install --constraint requirements/lock.txt
 OVERRIDES ?=
 
-.PHONY: quickstart test test-all lint format bench serve clean
+.PHONY: quickstart chat test test-all lint format bench serve clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -35,9 +35,19 @@ test: $(VENV)/.installed-test
 test-all: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q
 
-## serve: the OpenAI-compatible server for the quickstart checkpoint on 127.0.0.1:8000 (docs/SERVE.md)
-serve: $(VENV)/.installed-serve
-	$(BIN)/python serve.py $(OVERRIDES)
+## chat: instruction tuning (caption_sft) on top of the quickstart checkpoint, so the model answers
+## questions about images and sounds; trained once (trains the quickstart first if it is missing)
+CHAT := outputs/chat/checkpoints/last.ckpt
+chat: $(CHAT)
+$(CHAT): | $(VENV)/.installed
+	test -f outputs/quickstart/checkpoints/last.ckpt || $(MAKE) quickstart
+	rm -rf outputs/chat
+	$(BIN)/python train.py experiment=caption_sft init_from=outputs/quickstart/checkpoints/last.ckpt \
+		hydra.run.dir=outputs/chat
+
+## serve: the OpenAI-compatible server for the chat checkpoint on 127.0.0.1:8000 (docs/SERVE.md)
+serve: $(VENV)/.installed-serve $(CHAT)
+	$(BIN)/python serve.py ckpt_path=$(CHAT) $(OVERRIDES)
 
 $(VENV)/.installed-serve: $(VENV)/.installed
 	$(PIP) -e '.[train,serve]'
