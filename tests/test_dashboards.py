@@ -51,8 +51,21 @@ def _media(run_dir: Path, kind: str) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def wandb_run(tmp_path_factory, cache_dir) -> dict:
-    out = tmp_path_factory.mktemp("dash_wandb")
-    return _train(out, cache_dir, "wandb", "itc_pretrain")
+    """The quickstart's experiment, tiny, logged offline; with the metric definitions the run
+    received (an offline run keeps them only in its binary record)."""
+    from wandb.sdk.wandb_run import Run
+
+    out, defined = tmp_path_factory.mktemp("dash_wandb"), {}
+    real = Run.define_metric
+
+    def spy(self, name, *args, **kwargs):
+        defined[name] = kwargs
+        return real(self, name, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Run, "define_metric", spy)
+        result = _train(out, cache_dir, "wandb", "itc_pretrain")
+    return {**result, "defined": defined}
 
 
 def test_wandb_offline_run_holds_tables_and_heatmaps(wandb_run):
@@ -76,6 +89,14 @@ def test_wandb_offline_run_holds_tables_and_heatmaps(wandb_run):
 
     state = torch.load(wandb_run["ckpt_path"], map_location="cpu", weights_only=True)
     assert state["logged_run"]["wandb"]["id"] in run_dir.name
+
+
+def test_wandb_summaries_keep_the_best_recall(wandb_run):
+    defined = wandb_run["defined"]
+    for m in ("image", "audio"):
+        assert defined[f"val/{m}2text_R@1"]["summary"] == "max"
+        assert defined[f"val/{m}2text_R@1"]["step_metric"] == "trainer/global_step"
+    assert defined["val/loss"]["summary"] == "min"
 
 
 def test_eval_logs_into_a_linked_run(wandb_run, cache_dir, tmp_path):
@@ -122,3 +143,26 @@ def test_tensorboard_gets_the_same_figures(tmp_path, cache_dir):
     markdown = last.tensor_proto.string_val[0].decode()
     assert len(markdown.splitlines()) == 2 + 4  # header, rule, one row per query
     assert "memory/layer0/keep_prior" in acc.Tags()["scalars"]
+
+
+def test_eval_figures_hold_the_exported_parity_table():
+    from autoglm_phone.app.dashboards import eval_figures
+
+    retrieval = {"image->text": {"R@1": 50.0, "R@5": 90.0}}
+    result = {
+        "ckpt_path": "last.ckpt",
+        "retrieval": retrieval,
+        "fused": {"image perplexity": {"perplexity": 3.0, "nll": 1.1}},
+        "exported": {
+            "retrieval": {"image->text": {"R@1": 48.0, "R@5": 90.0}},
+            "fused": {"image perplexity": {"perplexity": 3.5}},
+        },
+    }
+    figures = eval_figures(result, plots=[])
+    rows = {row[0]: row[1:] for row in figures.tables["eval/exported_parity"].rows}
+    assert rows == {
+        "image->text R@1": [50.0, 48.0, -2.0],
+        "image->text R@5": [90.0, 90.0, 0.0],
+        "image perplexity perplexity": [3.0, 3.5, 0.5],
+    }
+    assert figures.scalars == {"eval/image->text/R@1": 50.0, "eval/image->text/R@5": 90.0}

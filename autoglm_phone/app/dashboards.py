@@ -330,13 +330,15 @@ class Dashboards(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, splits: dict[str, _Split]
     ) -> Figures:
         figures = Figures()
+        whole = not isinstance(trainer.strategy, FSDPStrategy)  # FSDP: rank 0 holds a shard
         for modality, s in splits.items():
             if s.text:
                 self._retrieval(figures, modality, s)
-            if pl_module.objective.active("lm") and not isinstance(trainer.strategy, FSDPStrategy):
-                self._generation(figures, pl_module, modality, s)  # FSDP: one rank cannot run it
+            if pl_module.objective.active("lm") and whole:
+                self._generation(figures, pl_module, modality, s)
         self._moe(figures, trainer.global_step)
-        self._memory(figures, pl_module)
+        if whole:
+            self._memory(figures, pl_module)
         return figures
 
     def _retrieval(self, figures: Figures, modality: str, s: _Split) -> None:
@@ -366,7 +368,7 @@ class Dashboards(Callback):
         figures.images[f"retrieval/{modality}/similarity"] = heatmap(
             (media[:h] @ text[:h].T).numpy(),
             f"{modality} -> caption cosine similarity",
-            "caption (validation order)",
+            "caption (validation order; diagonal: matched pairs)",
             f"{modality} (validation order)",
         )
 
