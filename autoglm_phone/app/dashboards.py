@@ -19,6 +19,10 @@ nothing). What it shows:
   writes since the last validation (only runs long enough to write have them), its prior
   ``sigmoid(b_f)`` (mean, and a histogram) and the mean read and write biases.
 
+Under several processes the examples and the heat map come from rank 0's share of the split (the
+logged recall stays the module's, over every rank); generation and the memory statistics are
+skipped under FSDP, where rank 0 holds only a shard of the weights.
+
 :class:`RunLink` stores which run logged a checkpoint (``checkpoint["logged_run"]``) so that
 :func:`log_eval` can send ``eval.py``'s report to that run's dashboard: a wandb run in the same
 group with ``job_type="eval"`` (offline like the training run), or the run's TensorBoard folder.
