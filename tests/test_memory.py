@@ -306,3 +306,23 @@ def test_memory_weights_initialise_as_documented():
     assert chrono.min() >= 0 and chrono.max() <= math.log(127) and chrono.std() > 0.5
     with pytest.raises(ValueError, match="chrono_segments=2"):
         MemoryConfig(enabled=True, chrono_segments=2)
+
+
+def test_gate_stats_average_the_keep_gate_of_every_write():
+    model = _model()
+    keeps: list[torch.Tensor] = []  # sigmoid of the gate's output, per write, seen from outside
+    for layer in model.layers:
+        layer.memory_gate.register_forward_hook(lambda m, i, out: keeps.append(out.sigmoid()))
+    ids, mask = _left_padded([3 * SEG, 3 * SEG - 5])
+    with torch.no_grad():
+        model(ids, **_kwargs("causal", mask))
+    stats = model.memory_stats()
+    assert set(stats) == {0, 1}
+    per_layer = len(keeps) // 2
+    assert per_layer >= 2 and int(stats[0]["writes"]) == per_layer
+    expected = torch.stack([k.mean() for k in keeps[0::2]]).mean()  # layer 0's writes
+    torch.testing.assert_close(stats[0]["keep"], expected)
+    assert torch.allclose(stats[1]["keep_prior"], torch.sigmoid(torch.ones(64)))  # b_f init 1
+    assert stats[1]["read_bias"].shape == (4,) and stats[1]["write_bias"].shape == (4,)
+    assert "keep" not in model.memory_stats()[0]  # reset by the read
+    assert GLMDecoder(_cfg(enabled=False)).memory_stats() == {}

@@ -121,18 +121,10 @@ def fused_report(
             sums["nll"][0] += (nll * n).item()
             sums["nll"][1] += n.item()
         if "captioning" in tasks:
-            prompt = tokenizer([format_chat(DESCRIBE[modality], media=(modality,))])
-            prompt_ids = torch.tensor(prompt["input_ids"]).expand(len(block), -1)
-            embeds, mask, _ = model.assemble([block], prompt_ids)
-            eos = model.cfg.special_tokens.eos
-            out = model.text.generate(
-                inputs_embeds=embeds,
-                attention_mask=mask,
-                mode="prefix",
-                max_new_tokens=max_new_tokens,
-                stop_token_ids=(eos,),
-            )
-            store["answers"] += _answers(tokenizer, out, batch["caption"], eos)
+            store["answers"] += generate_answers(
+                model, tokenizer, block, modality, DESCRIBE[modality], batch["caption"],
+                max_new_tokens,
+            )  # fmt: skip
 
     report: dict[str, dict[str, float]] = {}
     if "itm" in tasks:
@@ -163,6 +155,33 @@ def fused_report(
         scores = rerank_scores(model, store, modality, k, batch_size)
         report.update(rerank_metrics(scores, 1.0 if rerank_weight is None else rerank_weight))
     return report
+
+
+@torch.no_grad()
+def generate_answers(
+    model: AutoGLMModel,
+    tokenizer: Any,
+    block: torch.Tensor,
+    modality: str,
+    prompt: str,
+    references: list[str],
+    max_new_tokens: int = 32,
+    thinking: bool = False,
+) -> list[tuple[str, str]]:
+    """Greedy answers to one ``prompt`` about each media block ``(B, K + 2, C)``, beside their
+    ``references`` (the truth): ``[(generated, reference), ...]``."""
+    chat = tokenizer([format_chat(prompt, media=(modality,), thinking=thinking)])
+    prompt_ids = torch.tensor(chat["input_ids"], device=block.device).expand(len(block), -1)
+    embeds, mask, _ = model.assemble([block], prompt_ids)
+    eos = model.cfg.special_tokens.eos
+    out = model.text.generate(
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        mode="prefix",
+        max_new_tokens=max_new_tokens,
+        stop_token_ids=(eos,),
+    )
+    return _answers(tokenizer, out, references, eos)
 
 
 def _answers(

@@ -277,15 +277,23 @@ def run(cfg: DictConfig, data_overrides: list[str] | None = None) -> dict[str, A
     out_json = Path(cfg.output_json or Path(cfg.paths.output_dir) / "metrics.json")
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(result, indent=2))
+    plots = [out_json.with_suffix(".png")]
     if "episode" in result:
-        plot_episode(result["episode"]["episode recall"], out_json.with_suffix(".png"))
+        plot_episode(result["episode"]["episode recall"], plots[0])
     else:
-        plot_report(result["retrieval"], out_json.with_suffix(".png"))
+        plot_report(result["retrieval"], plots[0])
     if "headroom" in result:
         from autoglm_phone.app.eval_headroom import plot_headroom
 
-        plot_headroom(result["headroom"], out_json.with_name(out_json.stem + "_headroom.png"))
-    print(f"wrote {out_json} and {out_json.with_suffix('.png')}")
+        plots.append(out_json.with_name(out_json.stem + "_headroom.png"))
+        plot_headroom(result["headroom"], plots[-1])
+    print(f"wrote {out_json} and {plots[0]}")
+    if cfg.log_to_run and source is not None:
+        from autoglm_phone.app.dashboards import log_eval
+
+        name = f"eval-{cfg.split}" + ("-exported" if exported is not None else "")
+        for where in log_eval(source, result, plots, name):
+            print(f"logged the report to {where}")
     return result
 
 

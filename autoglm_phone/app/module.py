@@ -124,6 +124,8 @@ class PretrainModule(L.LightningModule):
         self.weights = self.objective.weights
         self.objectives = build_objectives(self.objective)
         self._val: dict[str, dict[str, list[torch.Tensor]]] = {}
+        # modality -> decoder layer -> expert load (E,) of the last training step (dashboards)
+        self.moe_load: dict[str, dict[int, torch.Tensor]] = {}
         self._apply_freeze(epoch=0)
 
     def setup(self, stage: str) -> None:
@@ -217,6 +219,7 @@ class PretrainModule(L.LightningModule):
             if "load" not in stats:
                 continue
             prefix = f"moe/{modality}/layer{layer}"
+            self.moe_load.setdefault(modality, {})[layer] = stats["load"].detach()
             for e, share in enumerate(stats["load"].tolist()):
                 self.log(f"{prefix}/load_e{e}", share)
             self.log(f"{prefix}/dropped", stats["dropped"].float())
@@ -224,7 +227,9 @@ class PretrainModule(L.LightningModule):
 
     def validation_step(
         self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
+    ) -> Features:
+        """Logs the batch's losses and keeps its contrastive features for the epoch's recall;
+        returns the features (callbacks' ``outputs``: the dashboards' retrieval examples)."""
         losses, metrics, feats = self._objectives(batch)
         m, n = batch["modality"], len(batch["caption"])
         for name, value in {**losses, **metrics}.items():
@@ -235,6 +240,7 @@ class PretrainModule(L.LightningModule):
             store["media"].append(feats.media)
             store["text"].append(feats.text)
             store["key"].append(batch["caption_id"])
+        return feats
 
     def on_validation_epoch_end(self) -> None:
         for m, store in self._val.items():

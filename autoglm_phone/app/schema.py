@@ -154,6 +154,17 @@ class LoggerConfig:
 
 
 @dataclass
+class DashboardsConfig:
+    """What every validation sends to wandb / TensorBoard (autoglm_phone/app/dashboards.py)."""
+
+    enabled: bool = True
+    queries: int = 8  # retrieval and generation examples per modality
+    top_k: int = 5  # captions shown per query
+    heatmap_size: int = 32  # media x caption similarity slice
+    max_new_tokens: int = 32  # generated answers (objectives with a generative head)
+
+
+@dataclass
 class CallbacksConfig:
     monitor: str = "val/loss"
     mode: str = "min"
@@ -162,6 +173,7 @@ class CallbacksConfig:
     every_n_epochs: int = 1
     every_n_train_steps: int = 0  # > 0: also write last.ckpt every n steps (mid-epoch resume)
     lr_monitor: bool = True
+    dashboards: DashboardsConfig = field(default_factory=DashboardsConfig)
 
 
 @dataclass
@@ -208,6 +220,9 @@ class EvalConfig:
     # the hard suites on the embedded data (autoglm_phone/app/eval_headroom.py), beside the split
     headroom: bool = False
     headroom_size: int = 200  # samples per suite
+    # the report also goes to the run that logged the checkpoint (wandb: a run in its group with
+    # job_type=eval; TensorBoard: a folder in its log_dir), autoglm_phone/app/dashboards.py
+    log_to_run: bool = True
 
 
 @dataclass

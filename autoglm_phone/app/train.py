@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from autoglm_phone.app.callbacks import SkippedSamples
+from autoglm_phone.app.dashboards import Dashboards, RunLink
 from autoglm_phone.app.datamodule import MultiModalDataModule
 from autoglm_phone.app.fault import AtomicCheckpointIO, FiniteLossGuard
 from autoglm_phone.app.module import PretrainModule
@@ -39,6 +40,7 @@ def build_logger(cfg: LoggerConfig, save_dir: Path, run_name: str) -> Logger | b
         return WandbLogger(
             project=cfg.project,
             name=run_name,
+            group=run_name,  # eval.py's runs of its checkpoints join it (job_type="eval")
             save_dir=str(save_dir),
             offline=cfg.offline,
             entity=cfg.entity,
@@ -81,6 +83,11 @@ def build_callbacks(cfg: CallbacksConfig, ckpt_dir: Path, with_logger: bool) -> 
         )
     if cfg.lr_monitor and with_logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if with_logger:  # both act on wandb and TensorBoard loggers only
+        callbacks.append(RunLink())
+        d = cfg.dashboards
+        if d.enabled:
+            callbacks.append(Dashboards(d.queries, d.top_k, d.heatmap_size, d.max_new_tokens))
     return callbacks
 
 

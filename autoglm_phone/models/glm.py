@@ -229,6 +229,15 @@ class GLMDecoder(nn.Module):
             if isinstance(getattr(layer.mlp, "stats", None), dict)
         }
 
+    def memory_stats(self, reset: bool = True) -> dict[int, dict[str, torch.Tensor]]:
+        """Layer index -> its memory gate statistics (``MemoryBlock.gate_stats``); empty without
+        memory. ``reset``: the write averages start again from here."""
+        return {
+            i: layer.gate_stats(reset)
+            for i, layer in enumerate(self.layers)
+            if isinstance(layer, MemoryBlock)
+        }
+
     def stream(
         self,
         input_ids: torch.Tensor | None = None,

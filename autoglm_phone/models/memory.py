@@ -145,6 +145,25 @@ class MemoryBlock(Block):
         )
         # a slot's own chunk then gets e^2 / (e^2 + 1 + S / T) = 88% of its write attention
         self.write_bias_init = math.log(s) + 2.0 if m.write_bias is None else m.write_bias
+        self._keep_sum: list[torch.Tensor] = []  # running [sum of write means, writes]: gate_stats
+
+    @torch.no_grad()
+    def gate_stats(self, reset: bool = True) -> dict[str, torch.Tensor]:
+        """Detached gate statistics, for dashboards: ``keep_prior`` (the keep-gate at its bias
+        alone, ``sigmoid(b_f)`` ``(C,)``), ``read_bias`` and ``write_bias`` ``(H,)``, and, if the
+        layer wrote since the last reset, ``keep`` (the mean keep-gate ``f`` over those writes) and
+        ``writes`` (how many). Reading does not change the model's numbers."""
+        stats = {
+            "keep_prior": torch.sigmoid(self.memory_gate.bias).detach(),
+            "read_bias": self.self_attn.memory_read_bias.detach(),
+            "write_bias": self.self_attn.memory_write_bias.detach(),
+        }
+        if self._keep_sum:
+            total, writes = self._keep_sum
+            stats.update(keep=total / writes, writes=writes)
+        if reset:
+            self._keep_sum = []
+        return stats
 
     @torch.no_grad()
     def reset_memory_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -257,6 +276,10 @@ class MemoryBlock(Block):
             attn.o_proj(rearrange(update, "b h s d -> b s (h d)"))
         )
         keep = torch.sigmoid(self.memory_gate(torch.cat((h_mem, update), dim=-1)))  # (B, S, C)
+        if not torch.compiler.is_exporting():  # the exported program is the pure function
+            mean = keep.detach().float().mean()
+            total, writes = self._keep_sum or (mean.new_zeros(()), mean.new_zeros(()))
+            self._keep_sum = [total + mean, writes + 1]
         return keep * mem + (1 - keep) * update
 
 
