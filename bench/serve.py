@@ -14,7 +14,9 @@ tokens per second are all tokens generated at that concurrency over the wall tim
 Without ``--ckpt`` the model is the ``autoglm-phone-tiny`` preset with random weights (speed
 does not depend on the weights). ``--exported`` adds a third server, the exported folder
 (``ExportedBackend``: the CPU, one request at a time), interleaved with the two eager ones on
-its checkpoint (``--ckpt``, else the one its manifest names as ``source``). Writes
+its checkpoint (``--ckpt``, else the one its manifest names as ``source``); a path that does not
+exist yet is first written with ``export.py``'s defaults from the served model (``--ckpt`` or
+the random preset). Writes
 ``serve.json`` (``serve_quick.json``; ``serve_exported.json`` with ``--exported``) under
 ``--out``.
 """
@@ -29,6 +31,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -42,7 +45,8 @@ from autoglm_phone.serve.background import BackgroundServer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def random_backend(device: str) -> EagerBackend:
+def random_model(device: str = "cpu") -> tuple[Any, Any]:
+    """The tiny preset with random weights (seed 0) and a small tokenizer."""
     from autoglm_phone import AutoGLMModel
     from autoglm_phone.tokenizer import train_tokenizer
 
@@ -50,8 +54,22 @@ def random_backend(device: str) -> EagerBackend:
     texts = [" ".join(np.random.default_rng(i).permutation(words.split())) for i in range(200)]
     tok = train_tokenizer(texts, ROOT / "outputs" / "bench" / "serve_tokenizer", vocab_size=409)
     torch.manual_seed(0)
-    model = AutoGLMModel.from_pretrained("autoglm-phone-tiny", tokenizer=tok).to(device)
-    return EagerBackend(model, tok, stop_token_ids=())
+    return AutoGLMModel.from_pretrained("autoglm-phone-tiny", tokenizer=tok).to(device), tok
+
+
+def export_to(folder: Path, ckpt: str | None) -> None:
+    """``export.py``'s defaults (ExecuTorch FP32, every method) for the served model."""
+    from autoglm_phone.checkpoint import load_model
+    from autoglm_phone.export import export_model
+
+    if ckpt:
+        loaded = load_model(ckpt)
+        model, tok = loaded.model, loaded.tokenizer
+    else:
+        model, tok = random_model()
+    start = time.perf_counter()
+    export_model(model.eval(), folder, tokenizer=tok, source=ckpt)
+    print(f"exported to {folder} in {time.perf_counter() - start:.0f} s")
 
 
 def image_url(seed: int) -> str:
@@ -113,7 +131,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests and tokens")
     parser.add_argument("--ckpt", default=None, help="a checkpoint or saved folder to serve")
-    parser.add_argument("--exported", default=None, help="an export.py folder to serve too")
+    parser.add_argument(
+        "--exported",
+        type=Path,
+        default=None,
+        help="an export.py folder to serve too; a new path: the served model exported there first",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--batch", type=int, default=16, help="max batch size with batching on")
@@ -124,15 +147,16 @@ def main() -> None:
     tokens = args.tokens or (16 if args.quick else 32)
     repeats = args.repeats or (1 if args.quick else 2)
     ckpt = args.ckpt
-    if args.exported and ckpt is None:
+    if args.exported and not args.exported.exists():
+        export_to(args.exported, ckpt)
+    elif args.exported and ckpt is None:
         ckpt = read_manifest(args.exported)["source"]
         if ckpt is None:
             parser.error(f"{args.exported} names no source checkpoint; pass --ckpt")
-    backend = (
-        EagerBackend.from_path(ckpt, device=args.device, stop_token_ids=())
-        if ckpt
-        else random_backend(args.device)
-    )
+    if ckpt:
+        backend = EagerBackend.from_path(ckpt, device=args.device, stop_token_ids=())
+    else:
+        backend = EagerBackend(*random_model(args.device), stop_token_ids=())
     settings = ServeSettings(model_name="bench")
     engines = {
         "off": Engine(backend, max_batch_size=1),
@@ -143,7 +167,8 @@ def main() -> None:
     servers = {k: BackgroundServer(create_app(e, settings)) for k, e in engines.items()}
     rows: dict[str, dict[int, list[dict]]] = {k: {c: [] for c in args.clients} for k in engines}
     try:
-        asyncio.run(load(servers["on"].url, 2, 1, 4))  # warm-up
+        for server in servers.values():  # warm-up
+            asyncio.run(load(server.url, 2, 1, 4))
         for clients in args.clients:
             requests = max(1, (16 if args.quick else 32) // clients)
             for _ in range(repeats):

@@ -1,7 +1,9 @@
 """The server on an exported folder (autoglm_phone/serve/exported.py, docs/SERVE.md), against the
 eager server on the same weights, both driven by the real ``openai`` client.
 
-One ExecuTorch FP32 export per module of a small random model: test_serve's tiny model (a
+One FP32 export of a small random model per format: ONNX in the default suite (about 4x quicker
+to export), ExecuTorch under ``slow`` (the serving code is the same for both:
+``ExportedModel`` runs either). The model: test_serve's tiny model (a
 memory decoder, as the preset) with ``segment_len=32``, so a prompt with an image spans two
 segments and decoding writes more; decoder matrices at std 0.1 as in test_export_generation, so
 greedy answers are not one repeated token. Its MoE layer has ``capacity_factor = num_experts /
@@ -27,14 +29,15 @@ from autoglm_phone.serve.background import BackgroundServer as Server
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("executorch")
+pytest.importorskip("onnxruntime")
 
 SHAPES = dict(max_text_len=16, audio_seconds=0.5)
 SEGMENT = 32
 
 
-@pytest.fixture(scope="module")
-def folders(tokenizer, tmp_path_factory):
-    """The saved model folder and its exported folder."""
+@pytest.fixture(scope="module", params=["onnx", pytest.param("executorch", marks=pytest.mark.slow)])
+def folders(request, tokenizer, tmp_path_factory):
+    """The saved model folder and its exported folder (in the format ``request.param``)."""
     from autoglm_phone import AutoGLMModel
     from autoglm_phone.export import export_model
 
@@ -51,10 +54,11 @@ def folders(tokenizer, tmp_path_factory):
         for name, p in model.text.named_parameters():
             if p.dim() >= 2 and "memory_init" not in name:
                 p.normal_(0.0, 0.1)
-    root = tmp_path_factory.mktemp("served")
+    root = tmp_path_factory.mktemp(f"served_{request.param}")
     saved = model.save_pretrained(root / "model", tokenizer=tokenizer)
-    export_model(model, root / "exported", tokenizer=tokenizer, source=saved, **SHAPES)
-    return saved, root / "exported"
+    out = root / "exported"
+    export_model(model, out, format=request.param, tokenizer=tokenizer, source=saved, **SHAPES)
+    return saved, out
 
 
 def _server(backend, max_batch_size=8):
@@ -118,12 +122,13 @@ def test_a_changed_or_incomplete_folder_is_refused_at_start(folders, tmp_path):
 
     _, exported = folders
     changed = shutil.copytree(exported, tmp_path / "changed")
-    with (changed / "decode.pte").open("r+b") as f:
+    decode = ExportedModel.load(exported).manifest["methods"]["decode"]["file"]
+    with (changed / decode).open("r+b") as f:
         f.seek(-1, 2)
         last = f.read(1)
         f.seek(-1, 2)
         f.write(bytes([last[0] ^ 1]))
-    with pytest.raises(SystemExit, match=r"decode\.pte: does not match manifest\.json"):
+    with pytest.raises(SystemExit, match=rf"{decode}: does not match manifest\.json"):
         build(compose_config("serve", [f"ckpt_path={changed}"]))
     model = ExportedModel.load(exported)
     del model.runners["decode"]
