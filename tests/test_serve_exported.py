@@ -1,11 +1,11 @@
 """The server on an exported folder (autoglm_phone/serve/exported.py, docs/SERVE.md), against the
 eager server on the same weights, both driven by the real ``openai`` client.
 
-One FP32 export of a small random model per format: ONNX in the default suite (about 4x quicker
-to export), ExecuTorch under ``slow`` (the serving code is the same for both:
-``ExportedModel`` runs either). The model: test_serve's tiny model (a
-memory decoder, as the preset) with ``segment_len=32``, so a prompt with an image spans two
-segments and decoding writes more; decoder matrices at std 0.1 as in test_export_generation, so
+One FP32 export of a small random model per format: ONNX in the default suite, ExecuTorch under
+``slow`` (61 s against 552 s to export this model on the shared 2-core CPU; the serving code is
+the same for both, ``ExportedModel`` runs either). The model: test_serve's tiny model (a memory
+decoder, as the preset) with ``segment_len=32``, so a prompt with an image spans two segments
+and decoding writes more; decoder matrices at std 0.1 as in test_export_generation, so
 greedy answers are not one repeated token. Its MoE layer has ``capacity_factor = num_experts /
 top_k``: an expert then holds every token of a call, so the exported (capacity-bound) layer
 computes what the eager server's dropless one does.
