@@ -101,13 +101,14 @@ def test_the_entry_picks_the_exported_backend_and_its_limits(folders):
     _, engine = build(compose_config("serve", [f"ckpt_path={exported}", "max_batch_size=4"]))
     backend = engine.backend
     assert isinstance(backend, ExportedBackend) and engine.max_batch_size == 1
-    # a memory decoder: the prompt goes segment by segment, max_seq_len bounds the context
+    # a memory decoder: the prompt goes segment by segment; the context defaults to max_seq_len
     window = backend.model.config.text.max_seq_len
     assert backend.context_window == window and backend.max_prompt_length == window - 1
+    _, engine = build(compose_config("serve", [f"ckpt_path={exported}", "context_window=100"]))
+    assert (engine.backend.context_window, engine.backend.max_prompt_length) == (100, 99)
     assert backend.spec.num_samples == 8000 and backend.max_text_len == 16
     for override, match in [
         ("device=cuda", "runs on the CPU"),
-        (f"context_window={window + 1}", f"at most {window} tokens"),
         ("max_text_len=32", "exported with 16"),
         ("audio_seconds=1.0", "exported with 0.5 s"),
     ]:
@@ -212,6 +213,8 @@ def test_without_memory_the_cache_and_prompt_length_bound_requests(folders):
     model.shapes = {**model.shapes, "prompt_len": 24, "cache_len": 40}
     backend = ExportedBackend(model)
     assert (backend.context_window, backend.max_prompt_length) == (41, 24)
+    with pytest.raises(ValueError, match="at most 41 tokens"):
+        ExportedBackend(model, context_window=42)
     server = _server(backend)
     try:
         prompt = "a red circle on the left " * 4

@@ -206,9 +206,8 @@ class EagerBackend:
 
 def load_backend(path: str | Path, device: str = "cpu", **kwargs: Any) -> Backend:
     """The backend for ``path``: :class:`~autoglm_phone.serve.exported.ExportedBackend` for an
-    exported folder (it holds a manifest; the CPU only), else :class:`EagerBackend`.
-    ``kwargs`` the eager backend takes that an exported folder fixes (``max_text_len``,
-    ``audio_seconds``) are refused for one unless they equal the exported values."""
+    exported folder (it holds a manifest; the CPU only), else :class:`EagerBackend`; ``kwargs``
+    go to its constructor."""
     from autoglm_phone.export.manifest import MANIFEST_NAME
 
     path = Path(path)
@@ -221,19 +220,7 @@ def load_backend(path: str | Path, device: str = "cpu", **kwargs: Any) -> Backen
             f"device={device}: an exported folder runs on the CPU (ExecuTorch XNNPACK or ONNX "
             "Runtime); serve its checkpoint for a GPU"
         )
-    text_len, seconds = kwargs.pop("max_text_len", None), kwargs.pop("audio_seconds", None)
-    backend = ExportedBackend.from_path(path, **kwargs)
-    spec = backend.spec
-    if text_len is not None and text_len != backend.max_text_len:
-        raise ValueError(
-            f"max_text_len={text_len}: {path} was exported with {backend.max_text_len}"
-        )
-    if seconds is not None and round(seconds * spec.sample_rate) != spec.num_samples:
-        raise ValueError(
-            f"audio_seconds={seconds}: {path} was exported with "
-            f"{spec.num_samples / spec.sample_rate:g} s clips"
-        )
-    return backend
+    return ExportedBackend.from_path(path, **kwargs)
 
 
 # -- the engine --------------------------------------------------------------------------------

@@ -46,7 +46,9 @@ class _ExportedDecoding:
 
 
 class ExportedBackend:
-    """An exported folder's artifacts on the CPU; see the module docstring."""
+    """An exported folder's artifacts on the CPU; see the module docstring. ``max_text_len``,
+    ``audio_seconds`` and ``context_window`` (as :class:`~autoglm_phone.serve.engine.
+    EagerBackend`'s) default to the export's; values it cannot hold are refused."""
 
     max_batch_size = 1
     device = torch.device("cpu")
@@ -55,6 +57,8 @@ class ExportedBackend:
         self,
         model: ExportedModel,
         *,
+        max_text_len: int | None = None,
+        audio_seconds: float | None = None,
         context_window: int | None = None,
         stop_token_ids: Sequence[int] | None = None,
     ) -> None:
@@ -69,17 +73,18 @@ class ExportedBackend:
             raise ValueError(f"{model.folder} holds no tokenizer; the server needs one")
         self.model, self.tokenizer = model, model.tokenizer
         cfg, shapes = model.config, model.shapes
-        memory = cfg.text.memory.enabled
-        limit = cfg.text.max_seq_len if memory else shapes["cache_len"] + 1
-        if context_window is not None and context_window > limit:
-            raise ValueError(
-                f"context_window={context_window}: the exported decoder holds at most {limit} "
-                "tokens (prompt + generated; export cache_len + 1)"
-            )
-        self.context_window = context_window or limit
-        self.max_prompt_length = self.context_window - 1
-        if not memory:  # one prefill call takes the whole prompt
-            self.max_prompt_length = min(self.max_prompt_length, shapes["prompt_len"])
+        if cfg.text.memory.enabled:  # segment by segment: no length limit, eager's default
+            self.context_window = context_window or cfg.text.max_seq_len
+            self.max_prompt_length = self.context_window - 1
+        else:  # one prefill call takes the whole prompt, into a static cache
+            limit = shapes["cache_len"] + 1
+            if context_window is not None and context_window > limit:
+                raise ValueError(
+                    f"context_window={context_window}: the exported decoder holds at most "
+                    f"{limit} tokens (prompt + generated; export cache_len + 1)"
+                )
+            self.context_window = context_window or limit
+            self.max_prompt_length = min(self.context_window - 1, shapes["prompt_len"])
         (image,) = model.manifest["methods"]["image"]["inputs"]
         self.spec = MediaSpec(
             image_size=image["shape"][-1],
@@ -87,6 +92,17 @@ class ExportedBackend:
             num_samples=shapes["audio_samples"],
         )
         self.max_text_len = shapes["max_text_len"]
+        if max_text_len is not None and max_text_len != self.max_text_len:
+            raise ValueError(
+                f"max_text_len={max_text_len}: {model.folder} was exported with "
+                f"{self.max_text_len}; re-export to change it"
+            )
+        rate, clip = self.spec.sample_rate, self.spec.num_samples
+        if audio_seconds is not None and round(audio_seconds * rate) != clip:
+            raise ValueError(
+                f"audio_seconds={audio_seconds}: {model.folder} was exported with "
+                f"{clip / rate:g} s clips; re-export to change it"
+            )
         eos = cfg.special_tokens.eos
         default = () if eos is None else (eos,)
         self.stop_token_ids = tuple(default if stop_token_ids is None else stop_token_ids)
