@@ -14,9 +14,9 @@ tokens per second are all tokens generated at that concurrency over the wall tim
 Without ``--ckpt`` the model is the ``autoglm-phone-tiny`` preset with random weights (speed
 does not depend on the weights). ``--exported`` adds a third server, the exported folder
 (``ExportedBackend``: the CPU, one request at a time), interleaved with the two eager ones on
-its checkpoint (``--ckpt``, else the one its manifest names as ``source``); a path that does not
-exist yet is first written with ``export.py``'s defaults from the served model (``--ckpt`` or
-the random preset). Writes
+its checkpoint (``--ckpt``, else the one its manifest names as ``source``, else the random
+preset if that is what it holds); a path that does not exist yet is first written with
+``export.py``'s defaults from the served model (``--ckpt`` or the random preset). Writes
 ``serve.json`` (``serve_quick.json``; ``serve_exported.json`` with ``--exported``) under
 ``--out``.
 """
@@ -151,12 +151,13 @@ def main() -> None:
         export_to(args.exported, ckpt)
     elif args.exported and ckpt is None:
         ckpt = read_manifest(args.exported)["source"]
-        if ckpt is None:
-            parser.error(f"{args.exported} names no source checkpoint; pass --ckpt")
     if ckpt:
         backend = EagerBackend.from_path(ckpt, device=args.device, stop_token_ids=())
     else:
-        backend = EagerBackend(*random_model(args.device), stop_token_ids=())
+        model, tok = random_model(args.device)
+        if args.exported and read_manifest(args.exported)["model"] != model.cfg.to_dict():
+            parser.error(f"{args.exported} is not the random preset and names no source; --ckpt")
+        backend = EagerBackend(model, tok, stop_token_ids=())
     settings = ServeSettings(model_name="bench")
     engines = {
         "off": Engine(backend, max_batch_size=1),
