@@ -1,5 +1,6 @@
-"""Serve a model over an OpenAI-compatible API: `python serve.py ckpt_path=<ckpt or folder>`
-(Hydra; see conf/serve.yaml and docs/SERVE.md). The default is the quickstart checkpoint."""
+"""Serve a model over an OpenAI-compatible API: `python serve.py ckpt_path=<ckpt or folder>`, a
+checkpoint, saved folder or exported folder (Hydra; see conf/serve.yaml and docs/SERVE.md). The
+default is the quickstart checkpoint."""
 
 import os
 from pathlib import Path

@@ -9,9 +9,16 @@ same work. Time to first token is from sending the request to the first content 
 tokens per second are all tokens generated at that concurrency over the wall time.
 
     PYTHONPATH=. python bench/serve.py [--quick] [--ckpt outputs/quickstart/checkpoints/last.ckpt]
+    PYTHONPATH=. python bench/serve.py --exported <export.py folder>
 
 Without ``--ckpt`` the model is the ``autoglm-phone-tiny`` preset with random weights (speed
-does not depend on the weights). Writes ``serve.json`` (``serve_quick.json``) under ``--out``.
+does not depend on the weights). ``--exported`` adds a third server, the exported folder
+(``ExportedBackend``: the CPU, one request at a time), interleaved with the two eager ones on
+its checkpoint (``--ckpt``, else the one its manifest names as ``source``, else the random
+preset if that is what it holds); a path that does not exist yet is first written with
+``export.py``'s defaults from the served model (``--ckpt`` or the random preset). Writes
+``serve.json`` (``serve_quick.json``; ``serve_exported.json`` with ``--exported``) under
+``--out``.
 """
 
 from __future__ import annotations
@@ -24,19 +31,22 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import torch
 from PIL import Image
 
-from autoglm_phone.serve import EagerBackend, Engine, ServeSettings, create_app
+from autoglm_phone.export import read_manifest
+from autoglm_phone.serve import EagerBackend, Engine, ServeSettings, create_app, load_backend
 from autoglm_phone.serve.background import BackgroundServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def random_backend(device: str) -> EagerBackend:
+def random_model(device: str = "cpu") -> tuple[Any, Any]:
+    """The tiny preset with random weights (seed 0) and a small tokenizer."""
     from autoglm_phone import AutoGLMModel
     from autoglm_phone.tokenizer import train_tokenizer
 
@@ -44,8 +54,22 @@ def random_backend(device: str) -> EagerBackend:
     texts = [" ".join(np.random.default_rng(i).permutation(words.split())) for i in range(200)]
     tok = train_tokenizer(texts, ROOT / "outputs" / "bench" / "serve_tokenizer", vocab_size=409)
     torch.manual_seed(0)
-    model = AutoGLMModel.from_pretrained("autoglm-phone-tiny", tokenizer=tok).to(device)
-    return EagerBackend(model, tok, stop_token_ids=())
+    return AutoGLMModel.from_pretrained("autoglm-phone-tiny", tokenizer=tok).to(device), tok
+
+
+def export_to(folder: Path, ckpt: str | None) -> None:
+    """``export.py``'s defaults (ExecuTorch FP32, every method) for the served model."""
+    from autoglm_phone.checkpoint import load_model
+    from autoglm_phone.export import export_model
+
+    if ckpt:
+        loaded = load_model(ckpt)
+        model, tok = loaded.model, loaded.tokenizer
+    else:
+        model, tok = random_model()
+    start = time.perf_counter()
+    export_model(model.eval(), folder, tokenizer=tok, source=ckpt)
+    print(f"exported to {folder} in {time.perf_counter() - start:.0f} s")
 
 
 def image_url(seed: int) -> str:
@@ -107,6 +131,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests and tokens")
     parser.add_argument("--ckpt", default=None, help="a checkpoint or saved folder to serve")
+    parser.add_argument(
+        "--exported",
+        type=Path,
+        default=None,
+        help="an export.py folder to serve too; a new path: the served model exported there first",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--batch", type=int, default=16, help="max batch size with batching on")
@@ -116,24 +146,34 @@ def main() -> None:
     args = parser.parse_args()
     tokens = args.tokens or (16 if args.quick else 32)
     repeats = args.repeats or (1 if args.quick else 2)
-    backend = (
-        EagerBackend.from_path(args.ckpt, device=args.device, stop_token_ids=())
-        if args.ckpt
-        else random_backend(args.device)
-    )
+    ckpt = args.ckpt
+    if args.exported and not args.exported.exists():
+        export_to(args.exported, ckpt)
+    elif args.exported and ckpt is None:
+        ckpt = read_manifest(args.exported)["source"]
+    if ckpt:
+        backend = EagerBackend.from_path(ckpt, device=args.device, stop_token_ids=())
+    else:
+        model, tok = random_model(args.device)
+        if args.exported and read_manifest(args.exported)["model"] != model.cfg.to_dict():
+            parser.error(f"{args.exported} is not the random preset and names no source; --ckpt")
+        backend = EagerBackend(model, tok, stop_token_ids=())
     settings = ServeSettings(model_name="bench")
     engines = {
         "off": Engine(backend, max_batch_size=1),
         "on": Engine(backend, max_batch_size=args.batch, batch_wait_s=0.005),
     }
+    if args.exported:  # one request at a time (the artifacts take batch 1), on the CPU
+        engines["exported"] = Engine(load_backend(args.exported, stop_token_ids=()))
     servers = {k: BackgroundServer(create_app(e, settings)) for k, e in engines.items()}
     rows: dict[str, dict[int, list[dict]]] = {k: {c: [] for c in args.clients} for k in engines}
     try:
-        asyncio.run(load(servers["on"].url, 2, 1, 4))  # warm-up
+        for server in servers.values():  # warm-up
+            asyncio.run(load(server.url, 2, 1, 4))
         for clients in args.clients:
             requests = max(1, (16 if args.quick else 32) // clients)
             for _ in range(repeats):
-                for mode in ("off", "on"):  # interleaved: the same machine state for both
+                for mode in engines:  # interleaved: the same machine state for all
                     engines[mode].stats["max_batch"] = 0
                     m = asyncio.run(load(servers[mode].url, clients, requests, tokens))
                     m["max_batch"] = engines[mode].stats["max_batch"]
@@ -153,7 +193,7 @@ def main() -> None:
     table = []
     for clients in args.clients:
         base = mean("off", clients, "tokens_per_s")
-        for mode in ("off", "on"):
+        for mode in engines:
             tps = mean(mode, clients, "tokens_per_s")
             row = {
                 "clients": clients,
@@ -166,7 +206,8 @@ def main() -> None:
             table.append(row)
             print(f"{clients:>7} {mode:>8} {row['ttft_p50_ms']:>12.1f} {row['ttft_p95_ms']:>12.1f} {tps:>8.1f} {row['speedup_vs_off']:>6.2f}")  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / ("serve_quick.json" if args.quick else "serve.json")
+    name = "serve_exported" if args.exported else "serve"
+    out = args.out / (f"{name}_quick.json" if args.quick else f"{name}.json")
     result = {"args": {k: str(v) for k, v in vars(args).items()}, "tokens_per_request": tokens,
               "repeats": repeats, "table": table, "runs": rows}  # fmt: skip
     out.write_text(json.dumps(result, indent=2))

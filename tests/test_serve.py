@@ -645,7 +645,8 @@ def test_api_key(backend):
 
 def test_serve_entry_config_builds_the_server_for_a_saved_folder(tiny, tokenizer, tmp_path):
     """conf/serve.yaml -> app/serve.build: a saved folder served under the configured name and
-    key; a missing path and an exported folder are refused by name."""
+    key; a missing path and a broken exported folder are refused by name (exported folders:
+    tests/test_serve_exported.py)."""
     from conftest import compose_config
 
     from autoglm_phone.app.serve import build

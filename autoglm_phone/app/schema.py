@@ -251,12 +251,12 @@ class ExportConfig:
 @dataclass
 class ServeConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
-    ckpt_path: str | None = None  # a training checkpoint or a save_pretrained folder
+    ckpt_path: str | None = None  # a training checkpoint, save_pretrained or export.py folder
     host: str = "127.0.0.1"
     port: int = 8000
     model_name: str = "autoglm-phone"  # the id clients ask for (GET /v1/models)
     api_key: str | None = None  # None: no key asked for (conf/serve.yaml reads AUTOGLM_API_KEY)
-    device: str = "auto"  # auto: cuda if present, else cpu
+    device: str = "auto"  # auto: cuda if present, else cpu (an exported folder: cpu)
     max_batch_size: int = 8  # requests decoded together; 1 turns batching off
     batch_wait_ms: float = 5.0  # how long a batch waits for more requests
     max_queue: int = 64  # waiting requests; more are answered 503

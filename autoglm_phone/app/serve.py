@@ -1,5 +1,6 @@
-"""``build(cfg)`` / ``run(cfg)`` for serving: a checkpoint or saved folder behind the
-OpenAI-compatible app (docs/SERVE.md).
+"""``build(cfg)`` / ``run(cfg)`` for serving: a checkpoint, saved folder or exported folder behind
+the OpenAI-compatible app (docs/SERVE.md). An exported folder (it holds a manifest) runs on the
+CPU with ``device=auto``.
 
 The Hydra glue only; the server is :mod:`autoglm_phone.serve`.
 """
@@ -13,7 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from autoglm_phone.export.manifest import MANIFEST_NAME
-from autoglm_phone.serve import EagerBackend, Engine, MediaLimits, ServeSettings, create_app
+from autoglm_phone.serve import Engine, MediaLimits, ServeSettings, create_app, load_backend
 
 
 def device_of(name: str) -> str:
@@ -29,14 +30,15 @@ def build(cfg: DictConfig) -> tuple[Any, Engine]:
         raise SystemExit(
             f"nothing to serve at {path}: train one first (make quickstart) or pass ckpt_path="
         )
-    if path.is_dir() and (path / MANIFEST_NAME).is_file():
-        raise SystemExit(
-            f"{path} is an exported folder; serving exported artifacts is not built yet"
-        )
+    exported = path.is_dir() and (path / MANIFEST_NAME).is_file()
+    device = "cpu" if exported and cfg.device == "auto" else device_of(cfg.device)
     kwargs = {k: cfg[k] for k in ("max_text_len", "audio_seconds") if cfg[k] is not None}
-    backend = EagerBackend.from_path(
-        path, device=device_of(cfg.device), context_window=cfg.context_window, **kwargs
-    )
+    try:
+        backend = load_backend(path, device=device, context_window=cfg.context_window, **kwargs)
+    except (ValueError, FileNotFoundError) as err:
+        if not exported:
+            raise
+        raise SystemExit(f"cannot serve the exported folder {path}: {err}") from err
     engine = Engine(
         backend,
         max_batch_size=cfg.max_batch_size,

@@ -286,6 +286,21 @@ class ExportedModel:
             parts.append(embeds[0, : len(chunk)])
         return torch.cat(parts) if parts else torch.zeros(0, self.config.text.hidden_size)
 
+    def media_block(self, modality: str, tokens: torch.Tensor) -> torch.Tensor:
+        """``<begin> tokens <end>``, as ``AutoGLMModel.media_block``: ``(B, K, C)`` ->
+        ``(B, K + 2, C)``."""
+        st = self.config.special_tokens
+        m = MODALITY_TABLE[modality]
+        marks = [getattr(st, m.begin), getattr(st, m.end)]
+        if None in marks:
+            raise ValueError(
+                "the media marker ids are not set in the exported config (special_tokens): "
+                "export a model built with its tokenizer"
+            )
+        begin, end = self.embed_tokens(marks)  # (C,) each
+        b = tokens.shape[0]
+        return torch.cat([begin.expand(b, 1, -1), tokens, end.expand(b, 1, -1)], dim=1)
+
     def build_prompts(
         self,
         images: torch.Tensor | None = None,
@@ -299,19 +314,11 @@ class ExportedModel:
         modality given, in the table's order, then the row's real tokens of ``input_ids``."""
         media = {"image": images, "audio": audio}
         parts: list[list[torch.Tensor]] = []  # per modality, then text: (B, n, C)
-        for name, m in MODALITY_TABLE.items():
+        for name in MODALITY_TABLE:
             if media[name] is None:
                 continue
-            tokens = self.embed_media(name, media[name], sample_rate)  # (B, K, C)
-            st = self.config.special_tokens
-            marks = [getattr(st, m.begin), getattr(st, m.end)]
-            if None in marks:
-                raise ValueError(
-                    "the media marker ids are not set in the exported config (special_tokens): "
-                    "export a model built with its tokenizer"
-                )
-            begin, end = self.embed_tokens(marks)  # (C,) each
-            parts.append([torch.cat([begin[None], t, end[None]]) for t in tokens])
+            blocks = self.media_block(name, self.embed_media(name, media[name], sample_rate))
+            parts.append(list(blocks))  # B x (K + 2, C)
         if input_ids is not None:
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
@@ -391,7 +398,7 @@ class ExportedModel:
         generator: torch.Generator | None,
     ) -> list[int]:
         """One prompt ``(n, C)``: prefill, then decode until a stop token or the budget."""
-        logits, decode = self._prefill(prompt, max_new_tokens)
+        logits, decode = self.begin_decode(prompt, max_new_tokens)
         tokens: list[int] = []
         for i in range(max_new_tokens):
             token = int(sample_next_token(logits, **sampling, generator=generator)[0])
@@ -410,14 +417,18 @@ class ExportedModel:
         mode over it, causal after), as eager ``prefix_lm`` scores a response."""
         if not continuation:
             raise ValueError("continuation is empty: nothing to score")
-        logits, decode = self._prefill(prompt, len(continuation))
+        logits, decode = self.begin_decode(prompt, len(continuation))
         rows = [logits]
         for token in continuation[:-1]:
             rows.append(decode(int(token)))
         return torch.cat(rows)
 
-    def _prefill(self, prompt: torch.Tensor, max_new_tokens: int):
-        """The prompt's last logits ``(1, V)`` and ``decode(token) -> logits`` for what follows."""
+    def begin_decode(
+        self, prompt: torch.Tensor, max_new_tokens: int
+    ) -> tuple[torch.Tensor, Callable[[int], torch.Tensor]]:
+        """The last logits ``(1, V)`` of ``prompt`` ``(n, C)`` (a :meth:`build_prompts` row) and
+        ``decode(token) -> logits`` for each token that follows, at most ``max_new_tokens - 1``
+        of them (the state stays inside ``decode``)."""
         if self.config.text.memory.enabled:
             return self._prefill_memory(prompt, max_new_tokens)
         return self._prefill_cache(prompt, max_new_tokens)

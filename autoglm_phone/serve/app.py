@@ -191,6 +191,13 @@ async def make_job(
             "messages",
             "context_length_exceeded",
         )
+    if n_prompt > backend.max_prompt_length:
+        raise invalid(
+            f"the prompt is {n_prompt} tokens; this model takes prompts of at most "
+            f"{backend.max_prompt_length}",
+            "messages",
+            "context_length_exceeded",
+        )
     asked = req.max_completion_tokens or req.max_tokens
     if asked is not None and n_prompt + asked > window:
         raise invalid(

@@ -15,8 +15,9 @@ capacity limit one request's tokens could push another's out of an expert, so an
 depend on what else is in its batch.
 
 A :class:`Backend` is what the engine needs from a model; :class:`EagerBackend` wraps an
-:class:`~autoglm_phone.models.autoglm.AutoGLMModel`. Another runtime (an exported program) plugs
-in by implementing the same few methods.
+:class:`~autoglm_phone.models.autoglm.AutoGLMModel`, :class:`~autoglm_phone.serve.exported.
+ExportedBackend` an exported folder (one request at a time: its artifacts take batch 1);
+:func:`load_backend` picks one for a path.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ class Backend(Protocol):
 
     tokenizer: Any
     context_window: int  # prompt + generated tokens, at most
+    max_prompt_length: int  # prompt positions (media blocks and text), at most
+    max_batch_size: int | None  # generation requests decoded together, at most (None: any)
     spec: MediaSpec  # the media the model takes
     stop_token_ids: tuple[int, ...]
     device: torch.device
@@ -119,6 +122,8 @@ class EagerBackend:
         self.device = next(model.parameters()).device
         self.max_text_len = max_text_len
         self.context_window = context_window or cfg.text.max_seq_len
+        self.max_prompt_length = self.context_window - 1
+        self.max_batch_size = None
         self.spec = MediaSpec(
             image_size=cfg.vision.img_size,
             sample_rate=cfg.audio.sample_rate,
@@ -197,6 +202,25 @@ class EagerBackend:
     @torch.no_grad()
     def embed_media(self, modality: str, media: Sequence[torch.Tensor]) -> torch.Tensor:
         return self.model.encode_media(modality, torch.stack(list(media)).to(self.device))
+
+
+def load_backend(path: str | Path, device: str = "cpu", **kwargs: Any) -> Backend:
+    """The backend for ``path``: :class:`~autoglm_phone.serve.exported.ExportedBackend` for an
+    exported folder (it holds a manifest; the CPU only), else :class:`EagerBackend`; ``kwargs``
+    go to its constructor."""
+    from autoglm_phone.export.manifest import MANIFEST_NAME
+
+    path = Path(path)
+    if not (path.is_dir() and (path / MANIFEST_NAME).is_file()):
+        return EagerBackend.from_path(path, device=device, **kwargs)
+    from autoglm_phone.serve.exported import ExportedBackend
+
+    if torch.device(device).type != "cpu":
+        raise ValueError(
+            f"device={device}: an exported folder runs on the CPU (ExecuTorch XNNPACK or ONNX "
+            "Runtime); serve its checkpoint for a GPU"
+        )
+    return ExportedBackend.from_path(path, **kwargs)
 
 
 # -- the engine --------------------------------------------------------------------------------
@@ -286,6 +310,10 @@ class Engine:
     ) -> None:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1")
+        limit = backend.max_batch_size
+        if limit is not None and max_batch_size > limit:
+            log.info("max_batch_size=%d: this backend decodes %d at a time", max_batch_size, limit)
+            max_batch_size = limit
         self.backend = backend
         self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_s
         self._jobs: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
