@@ -391,7 +391,7 @@ class ExportedModel:
         generator: torch.Generator | None,
     ) -> list[int]:
         """One prompt ``(n, C)``: prefill, then decode until a stop token or the budget."""
-        logits, decode = self._prefill(prompt, max_new_tokens)
+        logits, decode = self.begin_decode(prompt, max_new_tokens)
         tokens: list[int] = []
         for i in range(max_new_tokens):
             token = int(sample_next_token(logits, **sampling, generator=generator)[0])
@@ -410,14 +410,20 @@ class ExportedModel:
         mode over it, causal after), as eager ``prefix_lm`` scores a response."""
         if not continuation:
             raise ValueError("continuation is empty: nothing to score")
-        logits, decode = self._prefill(prompt, len(continuation))
+        logits, decode = self.begin_decode(prompt, len(continuation))
         rows = [logits]
         for token in continuation[:-1]:
             rows.append(decode(int(token)))
         return torch.cat(rows)
 
-    def _prefill(self, prompt: torch.Tensor, max_new_tokens: int):
-        """The prompt's last logits ``(1, V)`` and ``decode(token) -> logits`` for what follows."""
+    @torch.no_grad()
+    def begin_decode(
+        self, prompt: torch.Tensor, max_new_tokens: int
+    ) -> tuple[torch.Tensor, Callable[[int], torch.Tensor]]:
+        """For a caller-driven decoding loop (as ``GLMDecoder.begin_decode``): the prompt's
+        (a :meth:`build_prompts` row ``(n, C)``) last logits ``(1, V)`` and ``decode(token)``,
+        which feeds the next token id and returns its logits ``(1, V)``, for up to
+        ``max_new_tokens`` tokens in all."""
         if self.config.text.memory.enabled:
             return self._prefill_memory(prompt, max_new_tokens)
         return self._prefill_cache(prompt, max_new_tokens)
