@@ -252,6 +252,45 @@ def time_generation(start: Start) -> tuple[float, float, list[int]]:
     return 1e3 * (first - begin), 1e3 * (end - first) / NEW_TOKENS, tokens
 
 
+def decode_profile(folder: Path, calls: int = 10, top: int = 6) -> dict:
+    """Where one ``decode`` call of ``folder`` spends its time (the process's thread pool, one
+    thread here): the median ms of a whole call from Python, and from ExecuTorch's ETDump the
+    ms per call inside XNNPACK delegate calls and inside portable operators (the rest is the
+    runtime: inputs copied in, outputs copied out, the interpreter), and the ``top``
+    operators by ms per call."""
+    from executorch.devtools import Inspector
+    from executorch.extension.pybindings import portable_lib
+
+    from autoglm_phone.export import read_manifest
+
+    specs = read_manifest(folder)["methods"]["decode"]["inputs"]
+    inputs = [torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"])) for s in specs]
+    inputs[1] = torch.tensor([DECODE_SHAPES["prompt_len"]])  # position: past a full prompt
+    program = portable_lib._load_for_executorch(str(folder / "decode.pte"), enable_etdump=True)
+    wall = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        program.run_method("decode", inputs)
+        wall.append(1e3 * (time.perf_counter() - start))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "etdump.etdp"
+        program.write_etdump_result_to_file(str(path))
+        events = [e for b in Inspector(etdump_path=str(path)).event_blocks for e in b.events]
+    ms: dict[str, float] = {}
+    for e in events:  # one event per instruction (and per delegated op), one time per call
+        if e.perf_data is not None and len(e.perf_data.raw) == calls:
+            name = e.name.removeprefix("native_call_")
+            ms[name] = ms.get(name, 0.0) + statistics.median(e.perf_data.raw)
+    frames = ("OPERATOR_CALL", "DELEGATE_CALL")
+    ops = sorted(((k, v) for k, v in ms.items() if k not in frames), key=lambda kv: -kv[1])
+    return {
+        "call_ms": statistics.median(wall),
+        "delegate_ms": ms.get("DELEGATE_CALL", 0.0),
+        "portable_ms": ms.get("OPERATOR_CALL", 0.0),
+        "top_ms": dict(ops[:top]),
+    }
+
+
 def decode_child(
     model_dir: Path, glm4_dir: Path, folders: list[Path], rounds: int, audio_samples: int
 ) -> dict:
@@ -284,6 +323,7 @@ def decode_child(
                     ttft[key].append(first)
                     per_token[key].append(step)
         positions = model.build_prefix(**prompt)[0].shape[1]
+    profiles = {folder.name: decode_profile(folder) for folder in folders}
     rows = {
         k: {
             "ttft_ms": statistics.median(ttft[k]),
@@ -292,7 +332,7 @@ def decode_child(
         }
         for k in starts
     }
-    return {"prompt_positions": positions, "rows": rows}
+    return {"prompt_positions": positions, "rows": rows, "profiles": profiles}
 
 
 def decode_row(timing: dict, weight_bytes: int, bandwidth: float, eager: dict) -> dict:
@@ -358,6 +398,7 @@ def decode_bench(quick: bool, tokenizer, work: Path, bandwidth: float) -> dict:
         "new_tokens": NEW_TOKENS,
         "export_seconds": seconds,
         "state_bytes": state,
+        "profiles": timed["profiles"],
         "rows": {
             k: decode_row(t, weights[k], bandwidth, eager) for k, t in timed["rows"].items()
         },
@@ -573,6 +614,12 @@ def decode_table(decode: dict, bandwidth: float) -> str:
         f" roofline = weight bytes / {bandwidth / 1e9:.1f} GB/s",
         f"decode state copied in and out per call (KV caches): {state}",
     ]
+    for key, prof in decode.get("profiles", {}).items():
+        top = ", ".join(f"{k} {v:.3f}" for k, v in prof["top_ms"].items())
+        lines.append(
+            f"{key} decode call, ms: {prof['call_ms']:.3f} = XNNPACK {prof['delegate_ms']:.3f} "
+            f"+ portable ops {prof['portable_ms']:.3f} + runtime (ETDump); top: {top}"
+        )
     return "\n".join(lines)
 
 
