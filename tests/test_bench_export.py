@@ -75,11 +75,20 @@ def test_decode_row_roofline_and_table():
         "question_tokens": 16,
         "new_tokens": 64,
         "state_bytes": {"executorch_int4": 2**20},
+        "profiles": {
+            "executorch_int4": {
+                "execute_ms": 2.0,
+                "delegate_ms": 1.5,
+                "portable_ms": 0.5,
+                "top_ms": {"index_put.out": 0.25},
+            }
+        },
         "rows": rows,
     }
     text = bench.table({"decode": decode}, bandwidth)
     assert "| executorch_int4 | 10.0 | 3.00 | 500 | 2.00 | 2.00 |" in text
     assert "| 25.0 | True |" in text and "executorch_int4 1.00 MiB" in text
+    assert "execute 2.000 = XNNPACK 1.500 + portable ops 0.500; top: index_put.out 0.250" in text
 
 
 def test_state_bytes_counts_the_caches_and_slots_only():
