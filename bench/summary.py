@@ -57,7 +57,8 @@ def moe_ratios(result: dict[str, Any]) -> dict[str, float]:
 
 
 def export_ratios(result: dict[str, Any]) -> dict[str, float]:
-    arts, latency = result["artifacts"], result["latency_ms"]["1"]  # JSON keys: thread counts
+    arts = result.get("artifacts", {})
+    latency = result["latency_ms"]["1"] if arts else {}  # JSON keys: thread counts
     out = {}
     for key, art in arts.items():
         for name, m in art["methods"].items():
@@ -67,6 +68,11 @@ def export_ratios(result: dict[str, Any]) -> dict[str, float]:
             out[f"{key} {name}: speed vs eager, 1 thread"] = (
                 latency[name]["eager"] / latency[name][key]
             )
+    for key, row in result.get("decode", {}).get("rows", {}).items():  # generation, 1 thread
+        if key != "eager":
+            out[f"{key} time to first token: speed vs eager"] = row["ttft_vs_eager"]
+            out[f"{key} decode tokens/s vs eager"] = row["decode_vs_eager"]
+        out[f"{key} decode: roofline / ms per token"] = row["roofline_fraction"]
     return out
 
 
@@ -98,7 +104,8 @@ REGISTRY: tuple[Bench, ...] = (
     Bench("moe", quick("moe.py"), "outputs/bench/moe.json", moe_ratios,
           "tokens/s of the MoE dispatch over the dense reference / the equal-active SwiGLU"),
     Bench("export", quick("export.py"), "outputs/bench/export.json", export_ratios,
-          "exported artifact over eager latency (1 thread), and its size over the FP32 one"),
+          "exported artifact over eager latency (1 thread), its size over the FP32 one; "
+          "generation (dense decoder): TTFT and decode speed over eager, decode over its roofline"),
     Bench("memory", quick("memory.py"), "outputs/bench/memory.json", memory_ratios,
           "peak memory of the memory-augmented decoder over full attention"),
     Bench("long_recall", quick("long_recall.py"), "outputs/bench/long_recall_quick.json",

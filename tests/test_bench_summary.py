@@ -37,6 +37,16 @@ EXPORT = {
         "onnx_int4": {"format": "onnx", "precision": "int4", "methods": {"text": {"bytes": 100}}},
     },
     "latency_ms": {"1": {"text": {"eager": 2.0, "onnx_fp32": 1.0, "onnx_int4": 4.0}}},
+    "decode": {
+        "rows": {
+            "eager": {"ttft_vs_eager": 1.0, "decode_vs_eager": 1.0, "roofline_fraction": 0.1},
+            "executorch_int4": {
+                "ttft_vs_eager": 1.5,
+                "decode_vs_eager": 2.5,
+                "roofline_fraction": 0.25,
+            },
+        }
+    },
 }
 RECALL = {"chance": 0.0625, "results": {"memory": {"final_accuracy": 0.5}, "full": {"loaded": "x"}}}
 
@@ -69,6 +79,10 @@ def test_ratios_come_from_each_benchmarks_json(root):
             "onnx_fp32 text: speed vs eager, 1 thread": 2.0,
             "onnx_int4 text: size / fp32": 0.25,
             "onnx_int4 text: speed vs eager, 1 thread": 0.5,
+            "eager decode: roofline / ms per token": 0.1,
+            "executorch_int4 time to first token: speed vs eager": 1.5,
+            "executorch_int4 decode tokens/s vs eager": 2.5,
+            "executorch_int4 decode: roofline / ms per token": 0.25,
         },
         "memory": {"peak memory/full, forward, 2048 tokens": 0.25},  # 4096: full not run
         "long_recall": {"memory final accuracy / chance": 8.0},

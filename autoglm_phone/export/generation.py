@@ -22,8 +22,10 @@ a segment has been written yet; before that the learned ``memory_init`` is the m
 runtime starts from zeros.
 
 Each module calls the eager layers (``Block``, ``MemoryBlock.forward_segment`` / ``write``,
-``SegmentRunner._segment``); only the cache is new: :class:`ExplicitKVCache` writes with
-``torch.where``, so a position that is a tensor stays in the graph.
+``SegmentRunner._segment``); only the cache is new: :class:`ExplicitKVCache` writes a token's
+keys and values with one ``index_put`` at a position that is a tensor, so it stays in the graph
+(a ``torch.where`` over a mask of the slots did the same on a portable kernel that touched every
+slot: 18% of the memory decoder's decode call at 512 slots, docs/EXPORT.md).
 """
 
 from __future__ import annotations
@@ -71,10 +73,13 @@ class ExplicitKVCache:
             pad = (0, 0, 0, self.length - k.shape[2])
             self.k[layer], self.v[layer] = F.pad(k, pad), F.pad(v, pad)
             return k, v
-        slots = torch.arange(self.length, device=k.device)
-        here = (slots[None, :] == self.position[:, None])[:, None, :, None]  # (B, 1, L, 1)
-        self.k[layer] = torch.where(here, k, self.k[layer])
-        self.v[layer] = torch.where(here, v, self.v[layer])
+        # the batch-1 slot write as one index_put (a copy of the cache and a row written); a
+        # where over a mask of the slots read and wrote every element on portable kernels
+        if k.shape[0] != 1:
+            raise ValueError(f"the exported cache writes one row, got a batch of {k.shape[0]}")
+        at = (None, None, self.position)  # (B, H_kv, L, D): slot `position` of every head
+        self.k[layer] = torch.ops.aten.index_put.default(self.k[layer], at, k)
+        self.v[layer] = torch.ops.aten.index_put.default(self.v[layer], at, v)
         return self.k[layer], self.v[layer]
 
     def __getitem__(self, layer: int) -> _LayerView:

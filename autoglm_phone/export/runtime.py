@@ -423,12 +423,14 @@ class ExportedModel:
             rows.append(decode(int(token)))
         return torch.cat(rows)
 
+    @torch.no_grad()
     def begin_decode(
         self, prompt: torch.Tensor, max_new_tokens: int
     ) -> tuple[torch.Tensor, Callable[[int], torch.Tensor]]:
-        """The last logits ``(1, V)`` of ``prompt`` ``(n, C)`` (a :meth:`build_prompts` row) and
-        ``decode(token) -> logits`` for each token that follows, at most ``max_new_tokens - 1``
-        of them (the state stays inside ``decode``)."""
+        """For a caller-driven decoding loop (as ``GLMDecoder.begin_decode``): the prompt's
+        (a :meth:`build_prompts` row ``(n, C)``) last logits ``(1, V)`` and ``decode(token)``,
+        which feeds the next token id and returns its logits ``(1, V)``, for up to
+        ``max_new_tokens`` tokens in all."""
         if self.config.text.memory.enabled:
             return self._prefill_memory(prompt, max_new_tokens)
         return self._prefill_cache(prompt, max_new_tokens)
