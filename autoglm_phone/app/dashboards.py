@@ -44,7 +44,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy
 
-from autoglm_phone.app.eval_tasks import generate_answers
+from autoglm_phone.app.eval_tasks import COMPARED, generate_answers
 from autoglm_phone.data.instructions import DESCRIBE
 from autoglm_phone.models.autoglm import MODALITY_TABLE
 from autoglm_phone.objectives import Features, media_kwargs
@@ -505,8 +505,6 @@ def eval_figures(result: dict[str, Any], plots: list[Path]) -> Figures:
         figures.tables["eval/generated"] = Table(["task", "generated", "truth"], examples)
     exported = result.get("exported")
     if exported and result.get("ckpt_path"):
-        from autoglm_phone.app.evaluate import COMPARED
-
         eager = {**result["retrieval"], **result.get("fused", {})}
         folder = {**exported["retrieval"], **exported["fused"]}
         figures.tables["eval/exported_parity"] = Table(

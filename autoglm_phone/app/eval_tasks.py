@@ -49,6 +49,8 @@ from autoglm_phone.objectives.episode import layout_episodes
 
 FUSED_TASKS = ("itm", "rerank", "mlm", "perplexity", "captioning")
 
+COMPARED = ("R@1", "R@5", "perplexity", "exact_match")  # the eager-vs-exported comparison's metrics
+
 
 def tasks_for(objective: dict[str, Any]) -> list[str]:
     """The fused evaluations a checkpoint was trained for (its objective weights)."""

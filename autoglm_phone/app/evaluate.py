@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from autoglm_phone.app.datamodule import MultiModalDataModule
 from autoglm_phone.app.eval_tasks import (
+    COMPARED,
     EXPORTED_TASKS,
     PROTOCOLS,
     episode_report,
@@ -167,9 +168,6 @@ def format_comparison(eager: dict[str, dict], exported: dict[str, dict]) -> str:
             ref = eager[name][key]
             lines.append(f"{name + ' ' + key:<36}{ref:>10.2f}{value:>10.2f}{value - ref:>+10.2f}")
     return "\n".join(lines)
-
-
-COMPARED = ("R@1", "R@5", "perplexity", "exact_match")  # what format_comparison prints
 
 
 def _source(cfg: DictConfig, exported: ExportedModel | None) -> str | None:

@@ -13,13 +13,13 @@ The library part: FastAPI, uvicorn and pydantic (the ``serve`` extra), no Lightn
 """
 
 from autoglm_phone.serve.app import ServeSettings, create_app
+from autoglm_phone.serve.backends import load_backend
 from autoglm_phone.serve.engine import (
     Backend,
     EagerBackend,
     Engine,
     Prompt,
     Sampling,
-    load_backend,
 )
 from autoglm_phone.serve.errors import APIError
 from autoglm_phone.serve.media import MediaLimits, MediaSpec

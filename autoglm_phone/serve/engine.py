@@ -17,7 +17,7 @@ depend on what else is in its batch.
 A :class:`Backend` is what the engine needs from a model; :class:`EagerBackend` wraps an
 :class:`~autoglm_phone.models.autoglm.AutoGLMModel`, :class:`~autoglm_phone.serve.exported.
 ExportedBackend` an exported folder (one request at a time: its artifacts take batch 1);
-:func:`load_backend` picks one for a path.
+:func:`~autoglm_phone.serve.backends.load_backend` picks one for a path.
 """
 
 from __future__ import annotations
@@ -202,25 +202,6 @@ class EagerBackend:
     @torch.no_grad()
     def embed_media(self, modality: str, media: Sequence[torch.Tensor]) -> torch.Tensor:
         return self.model.encode_media(modality, torch.stack(list(media)).to(self.device))
-
-
-def load_backend(path: str | Path, device: str = "cpu", **kwargs: Any) -> Backend:
-    """The backend for ``path``: :class:`~autoglm_phone.serve.exported.ExportedBackend` for an
-    exported folder (it holds a manifest; the CPU only), else :class:`EagerBackend`; ``kwargs``
-    go to its constructor."""
-    from autoglm_phone.export.manifest import MANIFEST_NAME
-
-    path = Path(path)
-    if not (path.is_dir() and (path / MANIFEST_NAME).is_file()):
-        return EagerBackend.from_path(path, device=device, **kwargs)
-    from autoglm_phone.serve.exported import ExportedBackend
-
-    if torch.device(device).type != "cpu":
-        raise ValueError(
-            f"device={device}: an exported folder runs on the CPU (ExecuTorch XNNPACK or ONNX "
-            "Runtime); serve its checkpoint for a GPU"
-        )
-    return ExportedBackend.from_path(path, **kwargs)
 
 
 # -- the engine --------------------------------------------------------------------------------
