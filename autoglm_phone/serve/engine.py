@@ -83,6 +83,17 @@ class Backend(Protocol):
 
 
 # -- the eager model ---------------------------------------------------------------------------
+def tokenize_texts(
+    tokenizer: Any, texts: Sequence[str], max_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Texts for ``/v1/embeddings`` as token ids ``(N, T)`` and mask ``(N, T)``, padded to the
+    longest and cut at ``max_len`` (the length the text encoder was trained or exported at)."""
+    tok = tokenizer(
+        list(texts), padding=True, truncation=True, max_length=max_len, return_tensors="pt"
+    )
+    return tok["input_ids"], tok["attention_mask"].bool()
+
+
 class _EagerDecoding:
     def __init__(self, model: AutoGLMModel, hidden: torch.Tensor, step: Callable) -> None:
         self.model, self.hidden, self.step = model, hidden, step
@@ -188,15 +199,8 @@ class EagerBackend:
     def embed_text(self, texts: Sequence[str]) -> tuple[torch.Tensor, int]:
         """Unit vectors ``(N, E)`` in the shared space, tokenized as the training data is; and
         the number of tokens read."""
-        tok = self.tokenizer(
-            list(texts),
-            padding=True,
-            truncation=True,
-            max_length=self.max_text_len,
-            return_tensors="pt",
-        )
-        mask = tok["attention_mask"].bool()
-        z = self.model.encode_text(tok["input_ids"].to(self.device), mask.to(self.device))
+        ids, mask = tokenize_texts(self.tokenizer, texts, self.max_text_len)
+        z = self.model.encode_text(ids.to(self.device), mask.to(self.device))
         return z, int(mask.sum())
 
     @torch.no_grad()

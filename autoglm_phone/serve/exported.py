@@ -31,7 +31,7 @@ import torch
 from autoglm_phone.export import ExportedModel
 from autoglm_phone.export.methods import RETRIEVAL
 from autoglm_phone.models.autoglm import MODALITY_TABLE
-from autoglm_phone.serve.engine import Prompt
+from autoglm_phone.serve.engine import Prompt, tokenize_texts
 from autoglm_phone.serve.media import MediaSpec
 
 
@@ -148,15 +148,8 @@ class ExportedBackend:
     def embed_text(self, texts: Sequence[str]) -> tuple[torch.Tensor, int]:
         """Unit vectors ``(N, E)``, tokenized to the exported ``max_text_len``; the number of
         tokens read."""
-        tok = self.tokenizer(
-            list(texts),
-            padding=True,
-            truncation=True,
-            max_length=self.max_text_len,
-            return_tensors="pt",
-        )
-        mask = tok["attention_mask"].bool()
-        return self.model.encode_text(tok["input_ids"], mask), int(mask.sum())
+        ids, mask = tokenize_texts(self.tokenizer, texts, self.max_text_len)
+        return self.model.encode_text(ids, mask), int(mask.sum())
 
     @torch.no_grad()
     def embed_media(self, modality: str, media: Sequence[torch.Tensor]) -> torch.Tensor:
